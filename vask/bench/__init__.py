@@ -1,0 +1,1 @@
+"""`vask bench`: load generator and scenarios for any Pusher-protocol server."""

@@ -1,0 +1,185 @@
+"""Starting, waiting for and stopping a server under test (``--server-cmd``).
+
+The server runs in its own session/process group so that it can be stopped as a
+whole; any descendant that escaped the group is killed afterwards by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from vask.bench.procstat import process_tree
+
+PORT_RANGE = (17000, 17999)
+
+
+def free_port(exclude: set[int] | None = None) -> int:
+    """Pick a port in 17000-17999 that is currently free for TCP and UDP on 127.0.0.1.
+
+    Starts at a random offset because other people may be binding ports in the
+    same range at the same time.
+    """
+    exclude = exclude or set()
+    lo, hi = PORT_RANGE
+    ports = list(range(lo, hi + 1))
+    random.shuffle(ports)
+    for port in ports:
+        if port in exclude:
+            continue
+        ok = True
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            s = socket.socket(socket.AF_INET, kind)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+            if not ok:
+                break
+        if ok:
+            return port
+    raise RuntimeError("no free port in 17000-17999")
+
+
+def substitute_ports(cmd: str) -> tuple[str, int]:
+    """Replace ``{port}`` (and ``{port2}``..``{port9}``) with distinct free ports.
+
+    Returns the command and the main port. Extra placeholders exist because
+    some servers (soketi) open further ports (metrics, discovery) that must
+    stay in the allowed range too.
+    """
+    used: set[int] = set()
+    main = free_port(used)
+    used.add(main)
+    cmd = cmd.replace("{port}", str(main))
+    for i in range(2, 10):
+        ph = f"{{port{i}}}"
+        if ph in cmd:
+            p = free_port(used)
+            used.add(p)
+            cmd = cmd.replace(ph, str(p))
+    return cmd, main
+
+
+def wait_for_port(
+    host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None
+) -> None:
+    """Block until ``host:port`` accepts TCP connections; raise on timeout or early exit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"server did not listen on {host}:{port} within {timeout:.0f}s")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None else None
+
+
+class ManagedServer:
+    """A server started from a shell command in its own process group."""
+
+    def __init__(self, cmd: str, host: str = "127.0.0.1", startup_timeout: float = 30.0,
+                 log_path: str | None = None) -> None:
+        self.cmd, self.port = substitute_ports(cmd)
+        self.host = host
+        self.startup_timeout = startup_timeout
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        # pid -> start time (jiffies since boot): guards against killing a reused PID.
+        self._known: dict[int, str] = {}
+
+    @property
+    def pid(self) -> int:
+        """PID of the root process (the shell running the command, or what it exec'd)."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        """Start the command and wait until its port accepts connections."""
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["/bin/sh", "-c", self.cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out if self.log_path else sys.stderr,
+            start_new_session=True,  # own session and process group, pgid == pid
+        )
+        if self.log_path and not isinstance(out, int):
+            out.close()
+        try:
+            wait_for_port(self.host, self.port, self.startup_timeout, self.proc)
+        except Exception:
+            self.stop()
+            raise
+        self.remember_tree()
+
+    def remember_tree(self) -> None:
+        """Record the current tree so escaped descendants can still be killed by PID."""
+        if self.proc is not None:
+            for pid in process_tree(self.proc.pid):
+                st = _start_time(pid)
+                if st is not None:
+                    self._known.setdefault(pid, st)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop the whole tree: SIGTERM the group, wait, then SIGKILL leftovers by PID."""
+        if self.proc is None:
+            return
+        self.remember_tree()
+        pgid = self.proc.pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=grace)
+        # Children may outlive the shell (e.g. re-parented workers); give them
+        # a moment after SIGTERM, then kill any that are still ours by PID.
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self._alive_known():
+            time.sleep(0.1)
+        for pid in self._alive_known():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)  # anything else still in the group
+        self.proc = None
+
+    def _alive_known(self) -> list[int]:
+        alive = []
+        for pid, started in self._known.items():
+            fields = _stat_fields(pid)
+            # Same PID *and* same start time, i.e. still the process we saw.
+            if fields is not None and fields[0] != "Z" and fields[19] == started:
+                alive.append(pid)
+        return alive
+
+    def __enter__(self) -> ManagedServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
