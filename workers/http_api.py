@@ -469,8 +469,8 @@ async def handle_api(request: ApiRequest, ctx: ApiContext) -> ApiResponse:
         if len(request.body) > settings.max_http_body_bytes:
             raise ApiError(
                 413,
-                f"The request body is {len(request.body)} bytes; the limit is "
-                f"{settings.max_http_body_bytes} bytes.",
+                f"The request body is too large: {len(request.body)} bytes, the limit is "
+                f"{settings.max_http_body_bytes} bytes (max_http_body_bytes).",
             )
         arg = decode_segment(route.arg)
         response = await route.handler(_Call(app, request, params, arg, ctx))
