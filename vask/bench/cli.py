@@ -45,6 +45,8 @@ def target_options(f: F) -> F:
         click.option("--server-pid", type=int, default=None,
                      help="Root PID of an already running server, for CPU/memory accounting."),
         click.option("--server-log", default=None, help="Append the managed server's output here."),
+        click.option("--startup-timeout", type=float, default=30.0, show_default=True,
+                     help="Seconds to wait for a --server-cmd server to listen."),
         click.option("--procs", "--clients-procs", "procs", type=int, default=None,
                      help="Load-generator processes (default: max(2, connections/5000))."),
         click.option("--connect-concurrency", type=int, default=200, show_default=True,
@@ -65,6 +67,7 @@ def _split(kw: dict[str, Any]) -> tuple[Target, Common, bool]:
         host=kw.pop("host"), port=kw.pop("port"), app_id=kw.pop("app_id"), key=kw.pop("key"),
         secret=kw.pop("secret"), server_cmd=kw.pop("server_cmd"),
         server_pid=kw.pop("server_pid"), server_log=kw.pop("server_log"),
+        startup_timeout=kw.pop("startup_timeout"),
     )
     c = Common(
         procs=kw.pop("procs"), connect_concurrency=kw.pop("connect_concurrency"),

@@ -191,12 +191,16 @@ class PusherConn(asyncio.Protocol):
                 data = _maybe_json(msg.get("data"))
                 ids = data.get("presence", {}).get("ids", [])
                 self.roster = [str(x) for x in ids]
+                self._check_join()
             if not self.ready.done():
                 self.ready.set_result(None)
         elif ev == "pusher_internal:member_added":
             self.added.append(str(_maybe_json(msg.get("data")).get("user_id")))
+            self._check_join()
         elif ev == "pusher_internal:member_removed":
             self.removed.append(str(_maybe_json(msg.get("data")).get("user_id")))
+            if len(self.removed) == self.w.expect_removed:
+                self.w.leave_last_t = max(self.w.leave_last_t, now_us())
         elif ev == "pusher:ping":
             self.send_text(b'{"event":"pusher:pong","data":{}}')
         elif ev in ("pusher:error", "pusher:subscription_error"):
@@ -204,6 +208,12 @@ class PusherConn(asyncio.Protocol):
             if not self.ready.done():
                 self.ready.set_exception(RuntimeError(f"{ev}: {msg.get('data')}"))
         # Anything else (pong, cache_miss, subscription_count, ...) is ignored.
+
+    def _check_join(self) -> None:
+        # Record when this member's view became complete (roster + member_added),
+        # so join time is measured by the receiver, not by the parent's polling.
+        if len(self.roster) + len(self.added) == self.w.expect_members:
+            self.w.join_last_t = max(self.w.join_last_t, now_us())
 
     def _subscribe(self) -> None:
         w = self.w
@@ -268,6 +278,10 @@ class Worker:
         self.errors: list[str] = []
         self.error_count = 0
         self.client_sent = 0
+        self.expect_members = -1
+        self.expect_removed = -1
+        self.join_last_t = 0
+        self.leave_last_t = 0
         self.done = asyncio.get_running_loop().create_future()
 
     def note_error(self, msg: str) -> None:
@@ -308,6 +322,7 @@ class Worker:
         channel_t: str = args["channel"]
         timeout: float = args.get("timeout", 30.0)
         sem = asyncio.Semaphore(args.get("concurrency", 200))
+        self.expect_members = args.get("members", -1)
         ok = 0
         failed = 0
         t_begin = now_us()
@@ -341,6 +356,8 @@ class Worker:
             "unexpected_closes": self.unexpected_closes,
             "errors": self.error_count,
             "last_t": self.last_t,
+            "join_last_t": self.join_last_t,
+            "leave_last_t": self.leave_last_t,
         }
         if "members" in args:
             m = args["members"]
@@ -372,15 +389,13 @@ class Worker:
         pad = "x" * args.get("pad", 0)
         event = args.get("event", "client-bench")
         n = len(conns)
+        total = round(rate_total * duration)  # exactly rate*duration per connection
         # Stagger the workers so their sends do not line up in bursts.
         t0 = time.monotonic() + args.get("offset", 0.0) / rate_total
-        end = t0 + duration
         sent = 0
-        while True:
+        while sent < total:
             now = time.monotonic()
-            if now >= end:
-                break
-            due = int((now - t0) * rate_total) if now > t0 else 0
+            due = min(total, int((now - t0) * rate_total) + 1) if now >= t0 else 0
             while sent < due:
                 c = conns[sent % n]
                 stamp = now_us()
@@ -396,6 +411,7 @@ class Worker:
     async def cmd_leave(self, args: dict[str, Any]) -> int:
         """Close the connections whose global index is in ``indices``."""
         wanted = set(args["indices"])
+        self.expect_removed = args.get("removed_expected", -1)
         n = 0
         for c in self.conns:
             if c.index in wanted and not c.left:

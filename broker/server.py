@@ -1,0 +1,191 @@
+"""The broker process: one ZeroMQ ROUTER around :class:`~vask.broker.state.ClusterState`.
+
+A plain blocking poll loop, no asyncio: each wake-up drains every queued message
+(so a burst of publishes costs one poll), hands each to the state, and sends what the
+state answers. Timers (heartbeats, purge of silent workers, subscription-count flushes,
+cache expiry) run from the same loop between polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from types import FrameType
+
+import zmq
+
+from vask import envelope
+from vask.broker.state import ClusterState, Out
+from vask.config import Settings
+from vask.process import die_with_parent
+from vask.envelope import (
+    Bye,
+    ConnClose,
+    ConnOpen,
+    Heartbeat,
+    Hello,
+    Publish,
+    Purge,
+    Query,
+    Resync,
+    SignIn,
+    Subscribe,
+    TerminateUser,
+    Unsubscribe,
+)
+
+log = logging.getLogger("vask.broker")
+
+COUNT_FLUSH_INTERVAL = 0.1
+
+
+class Broker:
+    """Owns the ROUTER socket and the cluster state."""
+
+    def __init__(self, settings: Settings, endpoint: str, control_fd: int = -1) -> None:
+        self.settings = settings
+        self.control_fd = control_fd
+        self.control_buffer = b""
+        self.endpoint = endpoint
+        self.epoch = time.time_ns() // 1000
+        self.state = ClusterState(settings, self.epoch)
+        self.context = zmq.Context.instance()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.router.setsockopt(zmq.SNDHWM, 0)
+        self.router.setsockopt(zmq.RCVHWM, 0)
+        self.running = True
+
+    def bind(self) -> None:
+        self.router.bind(self.endpoint)
+
+    def stop(self, *_: object) -> None:
+        self.running = False
+
+    def send(self, out: Out) -> None:
+        router = self.router
+        for identity, message in out:
+            try:
+                router.send_multipart([identity, *envelope.encode(message)], zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("dropping %s to a worker whose queue is full", type(message).__name__)
+
+    def handle(self, frames: list[bytes], now: float) -> None:
+        identity = frames[0]
+        try:
+            message = envelope.decode(frames[1:])
+        except envelope.EnvelopeError as exc:
+            log.warning("bad message from %r: %s", identity, exc)
+            return
+        state = self.state
+        if isinstance(message, Hello):
+            self.send(state.hello(identity, message, now))
+            return
+        if isinstance(message, Purge):
+            self.send(state.purge(message.worker.encode()))
+            return
+        if not state.seen(identity, now):
+            # A worker we do not know: we restarted, or purged it while it was stalled.
+            self.send([(identity, Resync(self.epoch))])
+            return
+        out: Out
+        if isinstance(message, Publish):
+            out = state.publish(message, now)
+        elif isinstance(message, Subscribe):
+            out = state.subscribe(identity, message)
+        elif isinstance(message, Unsubscribe):
+            out = state.unsubscribe(identity, message)
+        elif isinstance(message, ConnOpen):
+            out = state.conn_open(identity, message)
+        elif isinstance(message, ConnClose):
+            out = state.conn_close(identity, message)
+        elif isinstance(message, SignIn):
+            out = state.sign_in(identity, message)
+        elif isinstance(message, Query):
+            out = state.query(identity, message, now)
+        elif isinstance(message, TerminateUser):
+            out = state.terminate_user(message)
+        elif isinstance(message, Heartbeat):
+            out = []
+        elif isinstance(message, Bye):
+            out = state.purge(identity)
+        else:
+            log.warning("unexpected %s from a worker", type(message).__name__)
+            out = []
+        if out:
+            self.send(out)
+
+    def read_control(self) -> None:
+        data = os.read(self.control_fd, 65536)
+        if not data:  # the supervisor is gone
+            self.control_fd = -1
+            self.running = False
+            return
+        self.control_buffer += data
+        *lines, self.control_buffer = self.control_buffer.split(b"\n")
+        for line in lines:
+            if line:
+                log.info("worker %s died; purging it", line.decode(errors="replace"))
+                self.send(self.state.purge(line))
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        if self.control_fd >= 0:
+            poller.register(self.control_fd, zmq.POLLIN)
+        interval = self.settings.heartbeat_interval
+        next_beat = 0.0
+        next_flush = 0.0
+        router = self.router
+        while self.running:
+            events = dict(poller.poll(timeout=50))
+            now = time.time()
+            if self.control_fd in events:
+                self.read_control()
+            if self.router in events:
+                # Drain everything queued, bounded so timers still run under load.
+                for _ in range(10_000):
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self.handle(frames, now)
+            if now >= next_flush:
+                next_flush = now + COUNT_FLUSH_INTERVAL
+                self.send(self.state.flush_counts(now))
+                self.state.expire_cache(now)
+            if now >= next_beat:
+                next_beat = now + interval
+                beat = Heartbeat(self.epoch)
+                self.send([(w, beat) for w in self.state.workers])
+                for identity in self.state.expired(now, self.settings.heartbeat_timeout):
+                    log.warning("worker %r stopped heartbeating; purging it", identity)
+                    self.send(self.state.purge(identity))
+            if self.state.webhooks:
+                # Webhook delivery is not built yet (its own issue); keep memory bounded.
+                self.state.webhooks.clear()
+        router.close(linger=0)
+
+
+def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
+          control_fd: int = -1) -> None:
+    """Run a broker until SIGTERM/SIGINT (or until ``parent_pid`` disappears).
+
+    ``control_fd`` is the read end of the supervisor's pipe: one dead worker's
+    identity per line, purged at once instead of after the heartbeat timeout.
+    """
+    broker = Broker(settings, endpoint, control_fd)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        broker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    broker.bind()
+    log.info("broker listening on %s (pid %d)", endpoint, os.getpid())
+    if parent_pid:
+        die_with_parent(parent_pid)
+    broker.run()

@@ -1,0 +1,456 @@
+"""The authoritative cluster state, as pure code (no sockets, no clock of its own).
+
+:class:`ClusterState` takes decoded envelope messages from workers and returns what to
+send in answer: a list of ``(worker_identity, message)`` pairs (:data:`Out`). Webhook
+events it implies are appended to :attr:`ClusterState.webhooks`.
+
+Rules it owns (the ones that need cluster-wide knowledge, DESIGN.md):
+
+* Routing: a channel's publishes go once to each worker with at least one subscriber
+  there, never per recipient. Per-channel order is the order publishes arrive here.
+* Occupancy: a channel is occupied while its subscription count (all workers) is > 0;
+  0 -> 1 is ``channel_occupied``, 1 -> 0 ``channel_vacated``.
+* Presence (spec §5): membership is per user id. ``member_added`` goes out when a user's
+  first connection joins the channel anywhere, ``member_removed`` when its last one
+  leaves (unsubscribe, close, or its worker's purge); never to the connection that
+  caused it. A new user over ``max_members`` is refused (LimitReached, 4100).
+* Sign-in binds a connection to ``#server-to-user-{id}``. A user is online while at
+  least one connection is signed in as it; watchers get ``watchlist_events`` on each
+  online/offline change, and their current view right after signing in.
+* Cache channels keep the last published payload with a TTL.
+* Quotas: per-app connection counts across the cluster.
+* A worker that says bye, is purged by the supervisor, or stops heartbeating is removed
+  with exactly the events its departure implies.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from vask import frames
+from vask.channels import USER_CHANNEL_PREFIX, kind_of, user_channel
+from vask.config import App, Settings
+from vask.envelope import (
+    ENVELOPE_VERSION,
+    ConnClose,
+    ConnOpen,
+    Deliver,
+    DeliverTo,
+    Hello,
+    Publish,
+    Query,
+    Reply,
+    SignIn,
+    Subscribe,
+    Terminate,
+    TerminateUser,
+    Unsubscribe,
+    Verb,
+    Welcome,
+)
+
+Out = list[tuple[bytes, Verb]]
+#: subscription_count events are sent at most this often for channels above
+SUBSCRIPTION_COUNT_BUSY = 100
+SUBSCRIPTION_COUNT_BUSY_INTERVAL = 5.0
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    identity: bytes
+    name: str
+    epoch: int
+    prefix: int
+    last_seen: float
+    sockets: set[tuple[str, str]] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class SocketInfo:
+    worker: bytes
+    channels: set[str] = field(default_factory=set)
+    user_id: str | None = None
+    watchlist: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ChannelState:
+    #: worker identity -> number of its connections subscribed
+    per_worker: dict[bytes, int] = field(default_factory=dict)
+    count: int = 0
+    #: presence only: user id -> {socket_id: user_info}
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_count_sent: float = 0.0
+
+
+@dataclass(slots=True)
+class CacheEntry:
+    payload: bytes
+    expires: float
+
+
+class ClusterState:
+    """Everything the broker knows; see the module docstring for the rules."""
+
+    def __init__(self, settings: Settings, epoch: int) -> None:
+        self.epoch = epoch
+        self.apps: dict[str, App] = {app.id: app for app in settings.apps}
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self.sockets: dict[tuple[str, str], SocketInfo] = {}
+        self.channels: dict[tuple[str, str], ChannelState] = {}
+        self.online: dict[tuple[str, str], set[str]] = {}
+        self.watchers: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self.cache: dict[tuple[str, str], CacheEntry] = {}
+        self.connections: dict[str, int] = defaultdict(int)
+        self.count_dirty: set[tuple[str, str]] = set()
+        #: (app_id, event object) pairs for the webhook sender
+        self.webhooks: list[tuple[str, dict[str, Any]]] = []
+
+    # --- workers ------------------------------------------------------------------
+
+    def hello(self, identity: bytes, msg: Hello, now: float) -> Out:
+        if msg.version != ENVELOPE_VERSION:
+            return [(identity, Welcome(False, self.epoch,
+                                       f"envelope version {msg.version} != {ENVELOPE_VERSION}"))]
+        out: Out = []
+        if identity in self.workers:
+            out += self.purge(identity)  # a restarted worker reusing its identity
+        for other in self.workers.values():
+            if other.prefix == msg.prefix:
+                return out + [(identity, Welcome(False, self.epoch, "socket id prefix in use"))]
+        self.workers[identity] = WorkerInfo(identity, msg.worker, msg.epoch, msg.prefix, now)
+        return out + [(identity, Welcome(True, self.epoch, ""))]
+
+    def seen(self, identity: bytes, now: float) -> bool:
+        """Note a sign of life; ``False`` if the worker is unknown (it must resync)."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            return False
+        worker.last_seen = now
+        return True
+
+    def expired(self, now: float, timeout: float) -> list[bytes]:
+        return [w.identity for w in self.workers.values() if now - w.last_seen > timeout]
+
+    def purge(self, identity: bytes) -> Out:
+        """Remove a worker and every connection it held, with the implied events."""
+        worker = self.workers.pop(identity, None)
+        if worker is None:
+            return []
+        out: Out = []
+        for app_id, socket_id in list(worker.sockets):
+            out += self._close_socket(app_id, socket_id)
+        return out
+
+    # --- connections --------------------------------------------------------------
+
+    def conn_open(self, identity: bytes, msg: ConnOpen) -> Out:
+        worker = self.workers.get(identity)
+        if worker is None:
+            return [(identity, Reply(msg.rid, {"ok": False, "error": "unknown worker"}))] \
+                if msg.rid else []
+        key = (msg.app, msg.socket_id)
+        if key not in self.sockets:
+            if msg.max_connections and self.connections[msg.app] >= msg.max_connections:
+                return [(identity, Reply(msg.rid, {"ok": False}))] if msg.rid else []
+            self.connections[msg.app] += 1
+            self.sockets[key] = SocketInfo(identity)
+            worker.sockets.add(key)
+        return [(identity, Reply(msg.rid, {"ok": True}))] if msg.rid else []
+
+    def conn_close(self, identity: bytes, msg: ConnClose) -> Out:
+        return self._close_socket(msg.app, msg.socket_id)
+
+    def _close_socket(self, app_id: str, socket_id: str) -> Out:
+        info = self.sockets.pop((app_id, socket_id), None)
+        if info is None:
+            return []
+        out: Out = []
+        for channel in list(info.channels):
+            out += self._leave(app_id, channel, socket_id, info)
+        if info.user_id is not None:
+            out += self._sign_out(app_id, socket_id, info)
+        self.connections[app_id] -= 1
+        worker = self.workers.get(info.worker)
+        if worker is not None:
+            worker.sockets.discard((app_id, socket_id))
+        return out
+
+    # --- subscriptions ------------------------------------------------------------
+
+    def subscribe(self, identity: bytes, msg: Subscribe) -> Out:
+        info = self.sockets.get((msg.app, msg.socket_id))
+        if info is None or info.worker != identity:
+            # The connection closed (or its worker was purged) before this arrived.
+            return [(identity, Reply(msg.rid, {"ok": False, "type": "ServerError",
+                                               "error": "connection unknown", "status": 500}))] \
+                if msg.rid else []
+        if msg.channel in info.channels:
+            return [(identity, Reply(msg.rid, self._subscribe_answer(msg)))] if msg.rid else []
+        key = (msg.app, msg.channel)
+        out: Out = []
+        if msg.member is not None:
+            user_id = str(msg.member[0])
+            state = self.channels.get(key)
+            members = state.members if state is not None else {}
+            if user_id not in members and len(members) >= msg.max_members > 0:
+                return [(identity, Reply(msg.rid, {
+                    "ok": False, "type": "LimitReached",
+                    "error": "The maximum members per presence channel limit was reached",
+                    "status": 4100}))]
+        state = self._join(identity, key, msg.socket_id, info)
+        if msg.member is not None:
+            user_id = str(msg.member[0])
+            connections = state.members.get(user_id)
+            if connections is None:
+                state.members[user_id] = {msg.socket_id: msg.member[1]}
+                frame = frames.member_added(msg.channel, user_id, msg.member[1])
+                out += self._route(msg.app, msg.channel, msg.socket_id, frame)
+                self._webhook(msg.app, {"name": "member_added", "channel": msg.channel,
+                                        "user_id": user_id})
+            else:
+                connections[msg.socket_id] = msg.member[1]
+        if msg.rid:
+            out.append((identity, Reply(msg.rid, self._subscribe_answer(msg))))
+        return out
+
+    def _subscribe_answer(self, msg: Subscribe) -> dict[str, Any]:
+        body: dict[str, Any] = {"ok": True}
+        key = (msg.app, msg.channel)
+        if msg.member is not None:
+            body["presence"] = self._roster(self.channels[key])
+        if kind_of(msg.channel).cache:
+            entry = self.cache.get(key)
+            body["cache"] = entry.payload.decode() if entry is not None else None
+            if entry is None:
+                self._webhook(msg.app, {"name": "cache_miss", "channel": msg.channel})
+        return body
+
+    @staticmethod
+    def _roster(state: ChannelState) -> dict[str, Any]:
+        ids = list(state.members)
+        hash_ = {uid: next(iter(conns.values())) for uid, conns in state.members.items()}
+        return {"ids": ids, "hash": hash_, "count": len(ids)}
+
+    def _join(self, identity: bytes, key: tuple[str, str], socket_id: str,
+              info: SocketInfo) -> ChannelState:
+        state = self.channels.get(key)
+        if state is None:
+            state = self.channels[key] = ChannelState()
+        info.channels.add(key[1])
+        state.per_worker[identity] = state.per_worker.get(identity, 0) + 1
+        state.count += 1
+        if state.count == 1 and not key[1].startswith("#"):
+            self._webhook(key[0], {"name": "channel_occupied", "channel": key[1]})
+        self._count_changed(key)
+        return state
+
+    def unsubscribe(self, identity: bytes, msg: Unsubscribe) -> Out:
+        info = self.sockets.get((msg.app, msg.socket_id))
+        if info is None or msg.channel not in info.channels:
+            return []
+        return self._leave(msg.app, msg.channel, msg.socket_id, info)
+
+    def _leave(self, app_id: str, channel: str, socket_id: str, info: SocketInfo) -> Out:
+        key = (app_id, channel)
+        info.channels.discard(channel)
+        state = self.channels.get(key)
+        if state is None:
+            return []
+        out: Out = []
+        left = state.per_worker.get(info.worker, 0) - 1
+        if left > 0:
+            state.per_worker[info.worker] = left
+        else:
+            state.per_worker.pop(info.worker, None)
+        state.count -= 1
+        for user_id, connections in list(state.members.items()):
+            if connections.pop(socket_id, None) is not None and not connections:
+                del state.members[user_id]
+                out += self._route(app_id, channel, socket_id,
+                                   frames.member_removed(channel, user_id))
+                self._webhook(app_id, {"name": "member_removed", "channel": channel,
+                                       "user_id": user_id})
+        if state.count <= 0:
+            del self.channels[key]
+            self.count_dirty.discard(key)
+            if not channel.startswith("#"):
+                self._webhook(app_id, {"name": "channel_vacated", "channel": channel})
+        else:
+            self._count_changed(key)
+        return out
+
+    # --- users --------------------------------------------------------------------
+
+    def sign_in(self, identity: bytes, msg: SignIn) -> Out:
+        info = self.sockets.get((msg.app, msg.socket_id))
+        if info is None or info.user_id is not None:
+            return []
+        info.user_id = msg.user_id
+        info.watchlist = list(msg.watchlist)
+        self._join(identity, (msg.app, user_channel(msg.user_id)), msg.socket_id, info)
+        out: Out = []
+        signed_in = self.online.setdefault((msg.app, msg.user_id), set())
+        signed_in.add(msg.socket_id)
+        if len(signed_in) == 1:
+            out += self._watch_notify(msg.app, msg.user_id, online=True)
+        if info.watchlist:
+            for watched in info.watchlist:
+                self.watchers[(msg.app, watched)].add(msg.socket_id)
+            online = [u for u in info.watchlist if (msg.app, u) in self.online]
+            offline = [u for u in info.watchlist if (msg.app, u) not in self.online]
+            out.append((identity, DeliverTo([msg.socket_id],
+                                            frames.watchlist_events(online, offline))))
+        return out
+
+    def _sign_out(self, app_id: str, socket_id: str, info: SocketInfo) -> Out:
+        assert info.user_id is not None
+        out: Out = []
+        for watched in info.watchlist:
+            watchers = self.watchers.get((app_id, watched))
+            if watchers is not None:
+                watchers.discard(socket_id)
+                if not watchers:
+                    del self.watchers[(app_id, watched)]
+        signed_in = self.online.get((app_id, info.user_id))
+        if signed_in is not None:
+            signed_in.discard(socket_id)
+            if not signed_in:
+                del self.online[(app_id, info.user_id)]
+                out += self._watch_notify(app_id, info.user_id, online=False)
+        return out
+
+    def _watch_notify(self, app_id: str, user_id: str, online: bool) -> Out:
+        watchers = self.watchers.get((app_id, user_id))
+        if not watchers:
+            return []
+        frame = frames.watchlist_events([user_id], []) if online else \
+            frames.watchlist_events([], [user_id])
+        return self._to_sockets(app_id, watchers, frame)
+
+    def _to_sockets(self, app_id: str, socket_ids: Iterable[str], frame: bytes) -> Out:
+        by_worker: dict[bytes, list[str]] = defaultdict(list)
+        for socket_id in socket_ids:
+            info = self.sockets.get((app_id, socket_id))
+            if info is not None:
+                by_worker[info.worker].append(socket_id)
+        return [(worker, DeliverTo(sids, frame)) for worker, sids in by_worker.items()]
+
+    def terminate_user(self, msg: TerminateUser) -> Out:
+        signed_in = self.online.get((msg.app, msg.user_id), set())
+        by_worker: dict[bytes, list[str]] = defaultdict(list)
+        for socket_id in signed_in:
+            info = self.sockets.get((msg.app, socket_id))
+            if info is not None:
+                by_worker[info.worker].append(socket_id)
+        message = "Connection terminated by the app through the HTTP API"
+        return [(w, Terminate(sids, 4200, message)) for w, sids in by_worker.items()]
+
+    # --- traffic ------------------------------------------------------------------
+
+    def publish(self, msg: Publish, now: float) -> Out:
+        if msg.cache_ttl > 0:
+            self.cache[(msg.app, msg.channel)] = CacheEntry(msg.payload, now + msg.cache_ttl)
+        return self._route(msg.app, msg.channel, msg.exclude, msg.payload)
+
+    def _route(self, app_id: str, channel: str, exclude: str, payload: bytes) -> Out:
+        state = self.channels.get((app_id, channel))
+        if state is None:
+            return []
+        message = Deliver(app_id, channel, exclude, payload)
+        return [(worker, message) for worker in state.per_worker]
+
+    # --- subscription counts ------------------------------------------------------
+
+    def _count_changed(self, key: tuple[str, str]) -> None:
+        app = self.apps.get(key[0])
+        if app is not None and app.enable_subscription_count:
+            kind = kind_of(key[1])
+            if not kind.presence and not kind.user:
+                self.count_dirty.add(key)
+
+    def flush_counts(self, now: float) -> Out:
+        """Send coalesced ``pusher_internal:subscription_count`` events (spec §13.5)."""
+        out: Out = []
+        for key in list(self.count_dirty):
+            state = self.channels.get(key)
+            if state is None:
+                self.count_dirty.discard(key)
+                continue
+            if state.count > SUBSCRIPTION_COUNT_BUSY and \
+                    now - state.last_count_sent < SUBSCRIPTION_COUNT_BUSY_INTERVAL:
+                continue
+            self.count_dirty.discard(key)
+            state.last_count_sent = now
+            out += self._route(key[0], key[1], "", frames.subscription_count(key[1], state.count))
+            self._webhook(key[0], {"name": "subscription_count", "channel": key[1],
+                                   "subscription_count": state.count})
+        return out
+
+    def expire_cache(self, now: float) -> None:
+        for key in [k for k, e in self.cache.items() if e.expires <= now]:
+            del self.cache[key]
+
+    # --- webhooks -----------------------------------------------------------------
+
+    def _webhook(self, app_id: str, event: dict[str, Any]) -> None:
+        app = self.apps.get(app_id)
+        if app is not None and app.webhooks:
+            self.webhooks.append((app_id, event))
+
+    # --- queries (HTTP API) -------------------------------------------------------
+
+    def query(self, identity: bytes, msg: Query, now: float) -> Out:
+        try:
+            body = self._answer(msg, now)
+        except (KeyError, TypeError, ValueError) as exc:
+            body = {"error": f"bad query: {exc}"}
+        return [(identity, Reply(msg.rid, body))]
+
+    def _counts(self, app_id: str, channel: str) -> dict[str, int]:
+        state = self.channels.get((app_id, channel))
+        if state is None:
+            return {"subscription_count": 0, "user_count": 0}
+        return {"subscription_count": state.count, "user_count": len(state.members)}
+
+    def _answer(self, msg: Query, now: float) -> dict[str, Any]:
+        app_id, args = msg.app, msg.args
+        if msg.kind == "channels":
+            prefix = str(args.get("prefix", ""))
+            return {"channels": {
+                channel: self._counts(app_id, channel)
+                for (a, channel) in self.channels
+                if a == app_id and channel.startswith(prefix) and not channel.startswith("#")
+            }}
+        if msg.kind == "channel":
+            channel = str(args["channel"])
+            counts = self._counts(app_id, channel)
+            entry = self.cache.get((app_id, channel))
+            cache = None
+            if entry is not None and entry.expires > now:
+                frame = orjson.loads(entry.payload)
+                cache = {"event": frame.get("event"), "data": frame.get("data"),
+                         "ttl": max(0.0, entry.expires - now)}
+            return {"occupied": counts["subscription_count"] > 0, **counts, "cache": cache}
+        if msg.kind == "users":
+            state = self.channels.get((app_id, str(args["channel"])))
+            return {"users": list(state.members) if state is not None else []}
+        if msg.kind == "counts":
+            return {"channels": {str(c): self._counts(app_id, str(c)) for c in args["channels"]}}
+        if msg.kind == "user":
+            user_id = str(args["user_id"])
+            return {"online": (app_id, user_id) in self.online,
+                    "connections": len(self.online.get((app_id, user_id), ()))}
+        raise ValueError(f"unknown query kind {msg.kind!r}")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "workers": len(self.workers),
+            "connections": sum(self.connections.values()),
+            "channels": sum(1 for _, c in self.channels if not c.startswith(USER_CHANNEL_PREFIX)),
+        }

@@ -1,0 +1,67 @@
+"""Smoke tests: every scenario, tiny, against a real server started with --server-cmd.
+
+The server command is ``$VASK_BENCH_SMOKE_CMD`` when set (e.g. soketi:
+``PORT={port} METRICS_PORT={port2} CLUSTER_PORT={port3} USER_AUTH_TIMEOUT_MS=3600000
+bash /work/shared/peers/soketi/run.sh``), else ``vask run --workers 1 --port {port}``.
+Only correctness is asserted (delivery ratio exactly 1.0, exact member events),
+never speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+SERVER_CMD = os.environ.get("VASK_BENCH_SMOKE_CMD", "vask run --workers 1 --port {port}")
+
+
+def run_bench(*args: str) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "vask.bench", *args, "--server-cmd", SERVER_CMD,
+            "--startup-timeout", "10", "--drain-timeout", "3", "--connect-timeout", "5",
+            "--json", "--quiet"]
+    proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    assert proc.stdout, proc.stderr.decode()[-2000:]
+    result: dict[str, Any] = json.loads(proc.stdout)
+    assert proc.returncode == (0 if result["ok"] else 1)
+    return result
+
+
+@pytest.mark.timeout(90)
+def test_smoke_fanout() -> None:
+    r = run_bench("fanout", "-s", "20", "-e", "20")
+    assert r["metrics"]["delivery_ratio"] == 1.0, r["failures"]
+    assert r["ok"], r["failures"]
+
+
+@pytest.mark.timeout(90)
+def test_smoke_fanout_rate() -> None:
+    r = run_bench("fanout-rate", "-s", "20", "-r", "20", "-d", "1")
+    assert r["metrics"]["delivery_ratio"] == 1.0, r["failures"]
+    assert r["ok"], r["failures"]
+
+
+@pytest.mark.timeout(90)
+def test_smoke_idle() -> None:
+    r = run_bench("idle", "-c", "50", "--idle-seconds", "1")
+    assert r["metrics"]["connected"] == 50, r["failures"]
+    assert r["ok"], r["failures"]
+
+
+@pytest.mark.timeout(90)
+def test_smoke_presence() -> None:
+    r = run_bench("presence", "-m", "20")
+    assert r["metrics"]["members_with_wrong_join_view"] == 0, r["failures"]
+    assert r["metrics"]["members_with_wrong_removed_events"] == 0, r["failures"]
+    assert r["ok"], r["failures"]
+
+
+@pytest.mark.timeout(90)
+def test_smoke_client_events() -> None:
+    r = run_bench("client-events", "-n", "10", "-r", "5", "-d", "1")
+    assert r["metrics"]["delivery_ratio"] == 1.0, r["failures"]
+    assert r["ok"], r["failures"]

@@ -1,0 +1,114 @@
+"""The ``vask`` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from vask import __version__
+from vask.config import ConfigError, Settings, load_settings, warnings_for
+from vask.logs import setup_logging
+
+log = logging.getLogger("vask")
+
+
+def _load(config: str | None, overrides: dict[str, Any]) -> Settings:
+    try:
+        return load_settings(config, overrides=overrides)
+    except ConfigError as exc:
+        click.echo(f"vask: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vask")
+def main() -> None:
+    """Vask: a self-hosted realtime server speaking the Pusher Channels protocol.
+
+    Start it with `vask run`; point pusher-js, Laravel Echo or any Pusher server SDK at
+    it by changing host, port and credentials.
+    """
+
+
+@main.command()
+@click.option("--host", envvar="VASK_HOST", default=None,
+              help="Address to listen on (default 0.0.0.0). [env: VASK_HOST]")
+@click.option("--port", envvar="VASK_PORT", type=int, default=None,
+              help="TCP port for WebSockets and the HTTP API (default 6001). [env: VASK_PORT]")
+@click.option("--workers", envvar="VASK_WORKERS", type=int, default=None,
+              help="Worker processes, one socket shard each (default: CPU count). "
+                   "[env: VASK_WORKERS]")
+@click.option("--config", "config", envvar="VASK_CONFIG", type=click.Path(dir_okay=False),
+              default=None, help="TOML config file with [server] and [[apps]] (see "
+                                 "docs/configuration.md). [env: VASK_CONFIG]")
+@click.option("--broker", envvar="VASK_BROKER", default=None,
+              help="Join an external broker at this ZeroMQ endpoint (tcp://HOST:PORT) "
+                   "instead of starting one. [env: VASK_BROKER]")
+@click.option("--log-level", envvar="VASK_LOG_LEVEL", default=None,
+              type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Log verbosity (default info). [env: VASK_LOG_LEVEL]")
+def run(host: str | None, port: int | None, workers: int | None, config: str | None,
+        broker: str | None, log_level: str | None) -> None:
+    """Start the supervisor, the broker and the worker processes."""
+    settings = _load(config, {"host": host, "port": port, "workers": workers,
+                              "broker": broker, "log_level": log_level})
+    setup_logging(settings.log_level, "supervisor")
+    for warning in warnings_for(settings):
+        log.warning("%s", warning)
+    from vask.supervisor import Supervisor
+
+    supervisor = Supervisor(settings)
+    try:
+        supervisor.start()
+    except OSError as exc:
+        click.echo(f"vask: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+                   err=True)
+        sys.exit(1)
+    _banner(settings, supervisor.port)
+    sys.exit(supervisor.run())
+
+
+def _banner(settings: Settings, port: int) -> None:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    click.echo(f"Vask {__version__}: {settings.workers} worker(s) on {settings.host}:{port} "
+               f"(supervisor pid {os.getpid()})", err=True)
+    for app in settings.apps:
+        tag = " (default app)" if settings.default_app else ""
+        click.echo(f"  app id={app.id} key={app.key} secret={app.secret}{tag}", err=True)
+        click.echo(f"    WebSocket: ws://{host}:{port}/app/{app.key}?protocol=7", err=True)
+        click.echo(f"    HTTP API:  http://{host}:{port}/apps/{app.id}/events", err=True)
+
+
+@main.command("broker")
+@click.option("--bind", "endpoint", envvar="VASK_BROKER", required=True,
+              help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:7001. [env: VASK_BROKER]")
+@click.option("--config", "config", envvar="VASK_CONFIG", type=click.Path(dir_okay=False),
+              default=None, help="The same TOML config the workers use. [env: VASK_CONFIG]")
+@click.option("--log-level", envvar="VASK_LOG_LEVEL", default=None,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def broker_command(endpoint: str, config: str | None, log_level: str | None) -> None:
+    """Run a broker alone, for workers on several hosts (`vask run --broker ...`)."""
+    settings = _load(config, {"broker": endpoint, "log_level": log_level})
+    setup_logging(settings.log_level, "broker")
+    from vask.broker.server import serve
+
+    serve(settings, endpoint)
+
+
+def _add_bench() -> None:
+    try:
+        from vask.bench.cli import bench
+    except ImportError:  # the harness is optional at import time (its own issue)
+        return
+    main.add_command(bench)
+
+
+_add_bench()
+
+
+if __name__ == "__main__":
+    main()

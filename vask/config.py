@@ -1,0 +1,414 @@
+"""Configuration: a TOML file, ``VASK_*`` environment variables and CLI flags.
+
+Precedence, lowest to highest: built-in defaults, the TOML file, the environment, flags.
+Everything is validated before any process starts; a problem raises :class:`ConfigError`
+whose message names the offending key, and the CLI turns it into one line and exit 2.
+
+The file layout (every key is documented in ``docs/configuration.md``)::
+
+    [server]
+    host = "0.0.0.0"
+    port = 6001
+    workers = 2
+    activity_timeout = 120
+
+    [[apps]]
+    id = "1"
+    key = "app-key"
+    secret = "app-secret"
+    enable_client_messages = true
+
+With no ``[[apps]]`` there is one default app (id ``1``, key ``app-key``, secret
+``app-secret``; each overridable by ``VASK_APP_ID``/``VASK_APP_KEY``/``VASK_APP_SECRET``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and what is wrong with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """One webhook endpoint of an app and the events it wants."""
+
+    url: str
+    event_types: tuple[str, ...] = (
+        "channel_occupied",
+        "channel_vacated",
+        "member_added",
+        "member_removed",
+        "client_event",
+        "cache_miss",
+    )
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    """An app: credentials, switches and limits (spec §12.5 defaults)."""
+
+    id: str
+    key: str
+    secret: str
+    enabled: bool = True
+    max_connections: int = 0  # 0 = unlimited
+    enable_client_messages: bool = False
+    max_client_events_per_second: int = 10
+    enable_user_authentication: bool = False
+    user_authentication_timeout: float = 30.0
+    enable_subscription_count: bool = False
+    enable_watchlist_events: bool = True
+    max_presence_members_per_channel: int = 100
+    max_presence_member_size_kb: float = 1.0
+    max_channel_name_length: int = 200
+    max_event_channels_at_once: int = 100
+    max_event_name_length: int = 200
+    max_event_payload_kb: float = 10.0
+    max_event_batch_size: int = 10
+    max_watchlist_size: int = 100
+    max_backend_events_per_second: int = 0  # 0 = unlimited
+    cache_ttl: float = 1800.0
+    cors_origins: tuple[str, ...] = ()
+    webhooks: tuple[Webhook, ...] = ()
+
+    @property
+    def max_event_payload_bytes(self) -> int:
+        return int(self.max_event_payload_kb * 1024)
+
+    @property
+    def max_presence_member_bytes(self) -> int:
+        return int(self.max_presence_member_size_kb * 1024)
+
+
+DEFAULT_APP_ID = "1"
+DEFAULT_APP_KEY = "app-key"
+DEFAULT_APP_SECRET = "app-secret"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The whole validated configuration, shared by the supervisor, broker and workers."""
+
+    host: str = "0.0.0.0"
+    port: int = 6001
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    broker: str = ""  # "" = ipc:// endpoint in a private runtime directory
+    log_level: str = "info"
+    activity_timeout: int = 120
+    pong_timeout: float = 30.0
+    max_message_bytes: int = 65536
+    max_http_body_bytes: int = 1_048_576
+    write_buffer_limit: int = 4 * 1_048_576
+    broker_timeout: float = 5.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    shutdown_grace: float = 3.0
+    apps: tuple[App, ...] = ()
+    default_app: bool = False  # True when ``apps`` came from the built-in default
+    config_file: str = ""
+
+    def app_by_key(self, key: str) -> App | None:
+        for app in self.apps:
+            if app.key == key:
+                return app
+        return None
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_SERVER_KEYS = {
+    "host": str,
+    "port": int,
+    "workers": int,
+    "broker": str,
+    "log_level": str,
+    "activity_timeout": int,
+    "pong_timeout": float,
+    "max_message_bytes": int,
+    "max_http_body_bytes": int,
+    "write_buffer_limit": int,
+    "broker_timeout": float,
+    "heartbeat_interval": float,
+    "heartbeat_timeout": float,
+    "shutdown_grace": float,
+}
+_WEBHOOK_EVENTS = frozenset(
+    {
+        "channel_occupied",
+        "channel_vacated",
+        "member_added",
+        "member_removed",
+        "client_event",
+        "cache_miss",
+        "subscription_count",
+    }
+)
+
+
+def _coerce(where: str, value: Any, kind: type) -> Any:
+    """Check (or, for strings from the environment, convert) one scalar value."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                lowered = text.lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _app_field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in dataclasses.fields(App)}
+
+
+_SCALARS = {"str": str, "int": int, "bool": bool, "float": float}
+
+
+def _parse_webhook(where: str, raw: Any) -> Webhook:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table with at least 'url'")
+    unknown = set(raw) - {"url", "event_types", "headers"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    url = raw.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
+    kwargs: dict[str, Any] = {"url": url}
+    if "event_types" in raw:
+        types = raw["event_types"]
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise ConfigError(f"{where}.event_types: expected a list of event names")
+        bad = [t for t in types if t not in _WEBHOOK_EVENTS]
+        if bad:
+            raise ConfigError(
+                f"{where}.event_types: unknown event {bad[0]!r} "
+                f"(known: {', '.join(sorted(_WEBHOOK_EVENTS))})"
+            )
+        kwargs["event_types"] = tuple(types)
+    if "headers" in raw:
+        headers = raw["headers"]
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ConfigError(f"{where}.headers: expected a table of string values")
+        kwargs["headers"] = dict(headers)
+    return Webhook(**kwargs)
+
+
+def parse_app(where: str, raw: Any) -> App:
+    """Validate one ``[[apps]]`` table into an :class:`App`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    types = _app_field_types()
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in types:
+            raise ConfigError(f"{where}.{name}: unknown app key")
+        if name == "webhooks":
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}.webhooks: expected a list of tables")
+            kwargs[name] = tuple(
+                _parse_webhook(f"{where}.webhooks[{i}]", w) for i, w in enumerate(value)
+            )
+        elif name == "cors_origins":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}.cors_origins: expected a list of origins")
+            kwargs[name] = tuple(value)
+        else:
+            kind = _SCALARS[str(types[name]).split()[0]]
+            kwargs[name] = _coerce(f"{where}.{name}", value, kind)
+    for required in ("id", "key", "secret"):
+        if not kwargs.get(required):
+            raise ConfigError(f"{where}.{required}: required and must not be empty")
+    app = App(**kwargs)
+    _check_app(where, app)
+    return app
+
+
+def _check_app(where: str, app: App) -> None:
+    for name in ("key", "id"):
+        value = getattr(app, name)
+        if not all(c.isalnum() or c in "-_." for c in value):
+            raise ConfigError(
+                f"{where}.{name}: {value!r} may hold only letters, digits, '-', '_' and '.'"
+            )
+    positive = (
+        "max_client_events_per_second",
+        "max_presence_members_per_channel",
+        "max_channel_name_length",
+        "max_event_channels_at_once",
+        "max_event_name_length",
+        "max_event_batch_size",
+        "max_watchlist_size",
+    )
+    for name in positive:
+        if getattr(app, name) < 1:
+            raise ConfigError(f"{where}.{name}: must be at least 1")
+    for name in ("max_presence_member_size_kb", "max_event_payload_kb", "cache_ttl",
+                 "user_authentication_timeout"):
+        if getattr(app, name) <= 0:
+            raise ConfigError(f"{where}.{name}: must be greater than 0")
+    for name in ("max_connections", "max_backend_events_per_second"):
+        if getattr(app, name) < 0:
+            raise ConfigError(f"{where}.{name}: must be 0 (unlimited) or more")
+
+
+def _check_settings(settings: Settings) -> None:
+    if not 0 < settings.port < 65536:
+        raise ConfigError(f"server.port: {settings.port} is not a TCP port (1-65535)")
+    if not 1 <= settings.workers <= 256:
+        raise ConfigError(f"server.workers: {settings.workers} must be between 1 and 256")
+    if settings.log_level not in _LOG_LEVELS:
+        raise ConfigError(
+            f"server.log_level: {settings.log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
+        )
+    if settings.activity_timeout < 1:
+        raise ConfigError("server.activity_timeout: must be at least 1 second")
+    for name in ("pong_timeout", "broker_timeout", "heartbeat_interval", "heartbeat_timeout",
+                 "shutdown_grace"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"server.{name}: must be greater than 0")
+    if settings.heartbeat_timeout <= settings.heartbeat_interval:
+        raise ConfigError("server.heartbeat_timeout: must be longer than heartbeat_interval")
+    for name in ("max_message_bytes", "max_http_body_bytes", "write_buffer_limit"):
+        if getattr(settings, name) < 1024:
+            raise ConfigError(f"server.{name}: must be at least 1024 bytes")
+    if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
+        raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
+    seen: dict[str, str] = {}
+    for i, app in enumerate(settings.apps):
+        for name in ("id", "key"):
+            value = getattr(app, name)
+            tag = f"{name}:{value}"
+            if tag in seen:
+                raise ConfigError(f"apps[{i}].{name}: {value!r} is already used by {seen[tag]}")
+            seen[tag] = f"apps[{i}]"
+        # The HTTP API accepts either the key or the id in its path, so one app's id
+        # must not be another app's key.
+        for j, other in enumerate(settings.apps):
+            if j != i and app.id == other.key:
+                raise ConfigError(f"apps[{i}].id: {app.id!r} equals the key of apps[{j}]")
+
+
+def load_settings(
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated :class:`Settings` from file, environment and flag overrides.
+
+    ``overrides`` holds flag values; ``None`` values mean "flag not given".
+    """
+    env = os.environ if env is None else env
+    raw_server: dict[str, Any] = {}
+    raw_apps: list[Any] = []
+    path = config_file or env.get("VASK_CONFIG") or ""
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config: file {path!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {path}: not valid TOML ({exc})") from None
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {path!r} ({exc.strerror})") from None
+        unknown = set(data) - {"server", "apps"}
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key (use [server], [[apps]])")
+        server = data.get("server", {})
+        if not isinstance(server, dict):
+            raise ConfigError("server: expected a table")
+        raw_server.update(server)
+        apps = data.get("apps", [])
+        if not isinstance(apps, list):
+            raise ConfigError("apps: expected an array of tables ([[apps]])")
+        raw_apps = apps
+
+    values: dict[str, Any] = {}
+    for name, value in raw_server.items():
+        if name not in _SERVER_KEYS:
+            raise ConfigError(f"server.{name}: unknown server key")
+        values[name] = _coerce(f"server.{name}", value, _SERVER_KEYS[name])
+    for name, kind in _SERVER_KEYS.items():
+        env_name = f"VASK_{name.upper()}"
+        if env.get(env_name, "") != "":
+            values[name] = _coerce(env_name, env[env_name], kind)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(f"--{name.replace('_', '-')}", value, _SERVER_KEYS[name])
+
+    apps_parsed = tuple(parse_app(f"apps[{i}]", raw) for i, raw in enumerate(raw_apps))
+    default_app = False
+    if not apps_parsed:
+        apps_parsed = (
+            parse_app(
+                "default app",
+                {
+                    "id": env.get("VASK_APP_ID") or DEFAULT_APP_ID,
+                    "key": env.get("VASK_APP_KEY") or DEFAULT_APP_KEY,
+                    "secret": env.get("VASK_APP_SECRET") or DEFAULT_APP_SECRET,
+                    "enable_client_messages": env.get("VASK_APP_ENABLE_CLIENT_MESSAGES", "true"),
+                },
+            ),
+        )
+        default_app = True
+    settings = Settings(
+        **values, apps=apps_parsed, default_app=default_app, config_file=str(path)
+    )
+    _check_settings(settings)
+    return settings
+
+
+def warnings_for(settings: Settings) -> list[str]:
+    """Things that are valid but probably not what the operator wants."""
+    out = []
+    for app in settings.apps:
+        if not app.id.isdigit():
+            out.append(
+                f"app id {app.id!r} is not all digits: pusher-http-python refuses such ids "
+                "(use the app key in its app_id setting instead)"
+            )
+    if settings.default_app and settings.apps[0].secret == DEFAULT_APP_SECRET:
+        out.append("using the default app secret 'app-secret'; set VASK_APP_SECRET in production")
+    return out
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    """Plain-data form, handed to child processes."""
+    return dataclasses.asdict(settings)
+
+
+def settings_from_dict(data: Mapping[str, Any]) -> Settings:
+    """Inverse of :func:`settings_to_dict` (no re-validation: the parent validated)."""
+    values = dict(data)
+    apps = []
+    for raw in values.pop("apps"):
+        raw = dict(raw)
+        raw["webhooks"] = tuple(
+            Webhook(url=w["url"], event_types=tuple(w["event_types"]), headers=dict(w["headers"]))
+            for w in raw.get("webhooks", ())
+        )
+        raw["cors_origins"] = tuple(raw.get("cors_origins", ()))
+        apps.append(App(**raw))
+    return Settings(**values, apps=tuple(apps))

@@ -1,0 +1,22 @@
+"""Process plumbing shared by the supervisor and its children (Linux)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send us ``signum`` when our parent dies, so that killing the
+    supervisor (even with SIGKILL) never leaves an orphaned broker or worker."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    # The parent may have died before prctl took effect.
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signum)

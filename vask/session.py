@@ -1,0 +1,456 @@
+"""The Pusher rules for one connection, as a sans-I/O state machine.
+
+A :class:`PusherSession` is fed each inbound text message (``receive``) and each broker
+answer (``subscribe_answered``) and answers with a list of :data:`Action` values; the
+worker's connection layer carries them out. Nothing here touches a socket or a clock:
+``now`` is passed in. That keeps every rule testable by feeding messages in and reading
+messages out (``tests/test_session.py``).
+
+Rules (spec sections in brackets):
+
+* Any frame must be a JSON object with a string ``event`` (§1.6); otherwise a
+  ``pusher:error`` (code null) and the connection stays open. ``data`` of ``pusher:``
+  events may be an object or a JSON string holding one.
+* ``pusher:ping`` -> ``pusher:pong``; ``pusher:pong`` is accepted silently (§1.7).
+* ``pusher:subscribe`` (§2.1, §3, §4, §13.3):
+    - invalid name -> ``pusher:subscription_error`` InvalidChannel / 4009;
+    - already subscribed (or pending) -> ``pusher:error`` "Existing subscription ...";
+    - ``#server-to-user-{id}``: acknowledged only for the connection signed in as ``id``
+      (sign-in already bound it), else AuthError / 4009;
+    - private/presence: ``auth`` must be ``key:HMAC`` of ``socket_id:channel`` or
+      ``socket_id:channel:channel_data`` -> else AuthError / 401;
+    - presence: ``channel_data`` JSON with ``user_id`` (string or integer, kept as
+      string, ≤ 128 chars), at most ``max_presence_member_size_kb``; a signed-in
+      connection may omit it (its ``user_data`` is used);
+    - presence and cache channels ask the broker (roster / cached event / member limit);
+      other channels succeed at once and the broker is told in passing.
+* ``pusher:unsubscribe`` of a channel not subscribed is ignored (§13.3).
+* ``pusher:signin`` (§4.4): ``auth`` over ``socket_id::user::user_data``; ``user_data``
+  a JSON object with a non-empty ``id``; a connection keeps its first identity; the
+  watchlist is cut to ``max_watchlist_size`` with a 4302 error.
+* Client events (§6): the app enables them; ``client-`` prefix; private or presence
+  channel, not encrypted; sender subscribed; name and payload limits; at most
+  ``max_client_events_per_second``; relayed to everyone else with the sender's presence
+  ``user_id`` added on presence channels. Each violation is a ``pusher:error`` and the
+  connection stays open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from vask import frames
+from vask.channels import ChannelKind, kind_of, name_problem, user_channel
+from vask.config import App
+from vask.envelope import Publish, SignIn, Subscribe, Unsubscribe, Verb
+from vask.signing import channel_string, sign, user_string, verify_auth
+
+MAX_USER_ID_LENGTH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write this frame to the connection."""
+
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection with this code after a ``pusher:error`` carrying ``reason``."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tell:
+    """Send this message to the broker (no answer expected)."""
+
+    message: Verb
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Send this subscribe to the broker (with a fresh request id) and hand the answer to
+    :meth:`PusherSession.subscribe_answered`."""
+
+    message: Subscribe
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """Add (``on``) or remove the connection in the worker's local index for ``channel``."""
+
+    channel: str
+    on: bool
+
+
+Action = Send | Close | Tell | Ask | Bind
+
+# Marks a subscription whose broker answer is still outstanding.
+_PENDING = "\x00pending"
+# Marks the acknowledged subscribe to the user's own #server-to-user channel.
+_USER_ACK = "\x00user"
+
+
+def _data_object(value: Any) -> dict[str, Any] | None:
+    """``data`` of a ``pusher:`` event: an object, or a JSON string holding one."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
+    return None
+
+
+def _user_id(value: Any) -> str | None:
+    """Presence/sign-in user ids: non-empty strings, or integers in string form (§4.3)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and value:
+        return value
+    return None
+
+
+class PusherSession:
+    """The Pusher-level state of one connection and the rules that change it."""
+
+    __slots__ = (
+        "app",
+        "authorized",
+        "members",
+        "rate_count",
+        "rate_second",
+        "socket_id",
+        "subscriptions",
+        "user_data",
+        "user_id",
+        "user_info",
+        "watchlist",
+    )
+
+    def __init__(self, app: App, socket_id: str) -> None:
+        self.app = app
+        self.socket_id = socket_id
+        #: channel -> presence user id ("" for non-presence), _PENDING or _USER_ACK
+        self.subscriptions: dict[str, str] = {}
+        self.user_id: str | None = None
+        self.user_info: Any = None
+        self.user_data: str | None = None
+        self.watchlist: list[str] = []
+        #: presence channel -> [user_id, user_info] (kept to replay to a restarted broker)
+        self.members: dict[str, list[Any]] | None = None
+        #: True once signed in or subscribed to a private/presence channel (§13.6)
+        self.authorized = False
+        self.rate_second = 0
+        self.rate_count = 0
+
+    # --- inbound messages ---------------------------------------------------------
+
+    def receive(self, text: bytes | str, now: float) -> list[Action]:
+        """Apply the rules to one inbound text message."""
+        try:
+            message = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return [Send(frames.error(None, "Invalid message: not valid UTF-8 JSON"))]
+        if not isinstance(message, dict):
+            return [Send(frames.error(None, "Invalid message: expected a JSON object"))]
+        event = message.get("event")
+        if not isinstance(event, str) or not event:
+            return [Send(frames.error(None, "Invalid message: 'event' must be a non-empty string"))]
+        if event.startswith("client-"):
+            return self._client_event(event, message, now)
+        if event == "pusher:ping":
+            return [Send(frames.PONG)]
+        if event == "pusher:pong":
+            return []
+        if event == "pusher:subscribe":
+            return self._subscribe(message.get("data"))
+        if event == "pusher:unsubscribe":
+            return self._unsubscribe(message.get("data"))
+        if event == "pusher:signin":
+            return self._signin(message.get("data"))
+        return [Send(frames.error(None, f"Unsupported event {event[:200]!r}"))]
+
+    # --- subscribe / unsubscribe --------------------------------------------------
+
+    def _subscribe(self, raw: Any) -> list[Action]:
+        data = _data_object(raw)
+        if data is None:
+            return [Send(frames.error(None, "pusher:subscribe needs data with a 'channel'"))]
+        channel = data.get("channel")
+        problem = name_problem(channel, self.app.max_channel_name_length)
+        if problem is not None or not isinstance(channel, str):
+            name = channel if isinstance(channel, str) else ""
+            return [Send(frames.subscription_error(name, "InvalidChannel", str(problem), 4009))]
+        if channel in self.subscriptions:
+            return [Send(frames.error(None, f"Existing subscription to channel {channel}"))]
+        kind = kind_of(channel)
+        if kind.user:
+            if self.user_id is not None and channel == user_channel(self.user_id):
+                self.subscriptions[channel] = _USER_ACK
+                return [Send(frames.subscription_succeeded(channel))]
+            return [
+                Send(
+                    frames.subscription_error(
+                        channel,
+                        "AuthError",
+                        "#server-to-user- channels are bound by pusher:signin and cannot be "
+                        "subscribed to by other connections",
+                        4009,
+                    )
+                )
+            ]
+        member: list[Any] | None = None
+        if kind.needs_auth:
+            refusal, member = self._authorize(channel, kind, data)
+            if refusal is not None:
+                return [Send(refusal)]
+            self.authorized = True
+        if kind.presence or kind.cache:
+            self.subscriptions[channel] = _PENDING
+            return [
+                Ask(
+                    Subscribe(
+                        0, self.app.id, channel, self.socket_id, member,
+                        self.app.max_presence_members_per_channel,
+                    )
+                )
+            ]
+        self.subscriptions[channel] = ""
+        return [
+            Bind(channel, True),
+            Send(frames.subscription_succeeded(channel)),
+            Tell(Subscribe(0, self.app.id, channel, self.socket_id, None, 0)),
+        ]
+
+    def _authorize(
+        self, channel: str, kind: ChannelKind, data: dict[str, Any]
+    ) -> tuple[bytes | None, list[Any] | None]:
+        """(refusal frame or None, presence member [user_id, user_info] or None)."""
+        auth = data.get("auth")
+        channel_data = data.get("channel_data")
+        if kind.presence and channel_data is None and self.user_id is None:
+            return self._sub_error(channel, "AuthError",
+                                   "Presence channels need channel_data (or a prior pusher:signin)",
+                                   401), None
+        if channel_data is not None and not isinstance(channel_data, str):
+            return self._sub_error(channel, "InvalidChannelData",
+                                   "channel_data must be a JSON-encoded string", 400), None
+        signed = channel_string(self.socket_id, channel, channel_data if kind.presence else None)
+        if not verify_auth(self.app.key, self.app.secret, auth, signed):
+            given = auth.partition(":")[2] if isinstance(auth, str) else ""
+            if isinstance(auth, str) and auth.partition(":")[0] != self.app.key:
+                reason = f"Invalid key in auth: expected '{self.app.key}:<signature>'"
+            else:
+                reason = (f"Invalid signature: Expected HMAC SHA256 hex digest of {signed}, "
+                          f"but got {given[:64]}")
+            return self._sub_error(channel, "AuthError", reason, 401), None
+        if not kind.presence:
+            return None, None
+        if channel_data is None:
+            return None, [self.user_id, self.user_info]
+        if len(channel_data.encode()) > self.app.max_presence_member_bytes:
+            return self._sub_error(
+                channel, "LimitReached",
+                f"The maximum size for a channel member is {self.app.max_presence_member_size_kb:g} KB.",
+                4301), None
+        try:
+            parsed = orjson.loads(channel_data)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            return self._sub_error(channel, "InvalidChannelData",
+                                   "channel_data must be a JSON object", 400), None
+        user_id = _user_id(parsed.get("user_id"))
+        if user_id is None:
+            return self._sub_error(
+                channel, "InvalidChannelData",
+                "channel_data.user_id must be a non-empty string or an integer", 400), None
+        if len(user_id) > MAX_USER_ID_LENGTH:
+            return self._sub_error(channel, "InvalidChannelData",
+                                   f"user_id is longer than {MAX_USER_ID_LENGTH} characters",
+                                   400), None
+        return None, [user_id, parsed.get("user_info")]
+
+    @staticmethod
+    def _sub_error(channel: str, kind: str, message: str, status: int) -> bytes:
+        return frames.subscription_error(channel, kind, message, status)
+
+    def subscribe_answered(self, request: Subscribe, body: dict[str, Any]) -> list[Action]:
+        """The broker's answer to an :class:`Ask` subscribe.
+
+        ``body``: ``{"ok": true, "presence": {...}?, "cache": "<payload>"|null}`` or
+        ``{"ok": false, "type": ..., "error": ..., "status": ...}``.
+        """
+        channel = request.channel
+        if self.subscriptions.get(channel) != _PENDING:
+            return []  # unsubscribed (and the broker told) while the answer was in flight
+        if not body.get("ok"):
+            del self.subscriptions[channel]
+            return [Send(frames.subscription_error(
+                channel, str(body.get("type", "ServerError")),
+                str(body.get("error", "subscription refused")), int(body.get("status", 500))))]
+        member = request.member
+        self.subscriptions[channel] = member[0] if member else ""
+        if member:
+            if self.members is None:
+                self.members = {}
+            self.members[channel] = member
+        actions: list[Action] = [
+            Bind(channel, True),
+            Send(frames.subscription_succeeded(channel, body.get("presence"))),
+        ]
+        if kind_of(channel).cache:
+            cached = body.get("cache")
+            actions.append(Send(cached.encode() if cached else frames.cache_miss(channel)))
+        return actions
+
+    def _unsubscribe(self, raw: Any) -> list[Action]:
+        data = _data_object(raw)
+        channel = data.get("channel") if data else None
+        if not isinstance(channel, str) or channel not in self.subscriptions:
+            return []
+        state = self.subscriptions.pop(channel)
+        if self.members is not None:
+            self.members.pop(channel, None)
+        if state == _USER_ACK:
+            return []
+        actions: list[Action] = [Tell(Unsubscribe(self.app.id, channel, self.socket_id))]
+        if state != _PENDING:
+            actions.insert(0, Bind(channel, False))
+        return actions
+
+    def is_subscribed(self, channel: str) -> bool:
+        state = self.subscriptions.get(channel)
+        return state is not None and state != _PENDING
+
+    # --- sign-in ------------------------------------------------------------------
+
+    def _signin(self, raw: Any) -> list[Action]:
+        data = _data_object(raw)
+        if data is None:
+            return [self._signin_error("pusher:signin needs data with 'auth' and 'user_data'")]
+        user_data = data.get("user_data")
+        if not isinstance(user_data, str):
+            return [self._signin_error("user_data must be a JSON-encoded string")]
+        if not verify_auth(self.app.key, self.app.secret, data.get("auth"),
+                           user_string(self.socket_id, user_data)):
+            return [self._signin_error("Invalid signature for pusher:signin user_data")]
+        try:
+            parsed = orjson.loads(user_data)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            return [self._signin_error("user_data must be a JSON object")]
+        user_id = _user_id(parsed.get("id"))
+        if user_id is None:
+            return [self._signin_error("user_data must contain a non-empty 'id'")]
+        if len(user_id) > MAX_USER_ID_LENGTH or name_problem(user_id, MAX_USER_ID_LENGTH):
+            return [self._signin_error(
+                "user_data.id may hold only letters, digits and - _ = @ , . ; "
+                f"(at most {MAX_USER_ID_LENGTH})")]
+        if self.user_id is not None and self.user_id != user_id:
+            return [self._signin_error(
+                f"This connection is already signed in as user {self.user_id!r}")]
+        watchlist_raw = parsed.get("watchlist", [])
+        if not isinstance(watchlist_raw, list):
+            return [self._signin_error("user_data.watchlist must be a list of user ids")]
+        watchlist = [w for w in (_user_id(v) for v in watchlist_raw) if w is not None]
+        actions: list[Action] = [Send(frames.signin_success(user_data))]
+        limit = self.app.max_watchlist_size
+        if len(watchlist) > limit:
+            watchlist = watchlist[:limit]
+            actions.append(Send(frames.error(
+                4302, f"Watchlist limit exceeded; only the first {limit} user ids are watched: "
+                + ",".join(watchlist))))
+        first = self.user_id is None
+        self.user_id = user_id
+        self.user_info = parsed.get("user_info")
+        self.user_data = user_data
+        self.authorized = True
+        if first:
+            self.watchlist = watchlist if self.app.enable_watchlist_events else []
+            actions.append(Bind(user_channel(user_id), True))
+            actions.append(Tell(SignIn(self.app.id, self.socket_id, user_id, self.watchlist)))
+        return actions
+
+    @staticmethod
+    def _signin_error(message: str) -> Send:
+        return Send(frames.error(4009, message))
+
+    # --- client events ------------------------------------------------------------
+
+    def _client_event(self, event: str, message: dict[str, Any], now: float) -> list[Action]:
+        channel = message.get("channel")
+        where = channel if isinstance(channel, str) else None
+        app = self.app
+        if not app.enable_client_messages:
+            return [Send(frames.error(4301, "Client events are not enabled for this app", where))]
+        if where is None:
+            return [Send(frames.error(4301, "Client events need a 'channel'"))]
+        if not kind_of(where).client_events:
+            return [Send(frames.error(
+                4301,
+                "Client events are only allowed on private and presence channels "
+                "(not public, cache or encrypted ones)", where))]
+        member = self.subscriptions.get(where)
+        if member is None or member == _PENDING:
+            return [Send(frames.error(
+                None,
+                f"Cannot broadcast client event (connection not subscribed to channel {where})",
+                where))]
+        if len(event) > app.max_event_name_length:
+            return [Send(frames.error(
+                4301, f"Event name is longer than {app.max_event_name_length} characters", where))]
+        data = message.get("data")
+        size = len(data.encode()) if isinstance(data, str) else len(orjson.dumps(data))
+        if size > app.max_event_payload_bytes:
+            return [Send(frames.error(
+                4301, f"Client event data is larger than {app.max_event_payload_kb:g} KB", where))]
+        second = int(now)
+        if second != self.rate_second:
+            self.rate_second = second
+            self.rate_count = 0
+        self.rate_count += 1
+        if self.rate_count > app.max_client_events_per_second:
+            return [Send(frames.error(4301, "Client event rejected due to rate limit", where))]
+        payload = frames.event(event, where, data, member or None)
+        return [Tell(Publish(app.id, where, self.socket_id, 0.0, payload))]
+
+    # --- end ----------------------------------------------------------------------
+
+    def replay_subscriptions(self) -> list[tuple[str, list[Any] | None]]:
+        """(channel, presence member or None) for every settled subscription."""
+        members = self.members or {}
+        return [(c, members.get(c)) for c, s in self.subscriptions.items()
+                if s != _PENDING and s != _USER_ACK]
+
+    def local_channels(self) -> list[str]:
+        """Channels this connection sits in the worker's index for (for cleanup)."""
+        out = [c for c, s in self.subscriptions.items() if s != _PENDING and s != _USER_ACK]
+        if self.user_id is not None:
+            out.append(user_channel(self.user_id))
+        return out
+
+
+def signed_subscribe(app: App, socket_id: str, channel: str,
+                     channel_data: str | None = None) -> dict[str, Any]:
+    """A correctly signed ``pusher:subscribe`` data object (for tests and tools)."""
+    data: dict[str, Any] = {"channel": channel}
+    kind = kind_of(channel)
+    if kind.needs_auth:
+        signed = channel_string(socket_id, channel, channel_data if kind.presence else None)
+        data["auth"] = f"{app.key}:{sign(app.secret, signed)}"
+    if channel_data is not None:
+        data["channel_data"] = channel_data
+    return data

@@ -1,0 +1,219 @@
+"""The worker's one DEALER socket to the broker, driven from the event loop.
+
+No task sits on the socket: the ZeroMQ file descriptor is registered with
+``loop.add_reader`` and every wake-up drains all queued messages. ZeroMQ's descriptor is
+edge-triggered and sends can consume the edge, so every send also schedules one extra
+drain for the current loop iteration.
+
+Requests (subscribe answers, HTTP API queries, quota checks) carry a request id and a
+callback; one ``call_later`` handle per outstanding request enforces the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from vask import envelope
+from vask.config import Settings
+from vask.envelope import (
+    ENVELOPE_VERSION,
+    Heartbeat,
+    Hello,
+    Reply,
+    Resync,
+    Verb,
+    Welcome,
+)
+
+log = logging.getLogger("vask.worker")
+
+ReplyCallback = Callable[[dict[str, Any] | None], None]
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not answer in time (or the link is down)."""
+
+
+class BrokerLink:
+    """Sends envelope messages to the broker and dispatches what comes back."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoint: str,
+        slot: int,
+        on_message: Callable[[Verb], None],
+        on_welcome: Callable[[bool], None],
+    ) -> None:
+        self.settings = settings
+        self.endpoint = endpoint
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{slot}"
+        self.epoch = time.time_ns() // 1000
+        self.prefix = secrets.randbelow(899_999_999) + 100_000_000
+        self.on_message = on_message
+        self.on_welcome = on_welcome
+        self.loop = asyncio.get_running_loop()
+        self.context = zmq.Context.instance()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self.sock.connect(endpoint)
+        self.welcomed = False
+        self.broker_epoch = 0
+        self.last_heard = 0.0
+        self.next_rid = 1
+        self.pending: dict[int, tuple[ReplyCallback, asyncio.TimerHandle]] = {}
+        self.drain_scheduled = False
+        self.closed = False
+        self.beat_handle: asyncio.TimerHandle | None = None
+        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self.drain)
+
+    # --- state ----------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        """Welcomed, and heard from within the heartbeat timeout."""
+        return self.welcomed and (
+            time.monotonic() - self.last_heard < self.settings.heartbeat_timeout
+        )
+
+    def start(self) -> None:
+        self.say_hello()
+        self._beat()
+
+    def say_hello(self) -> None:
+        self.welcomed = False
+        self.send(Hello(ENVELOPE_VERSION, self.name, self.epoch, self.prefix, os.getpid()))
+
+    def _beat(self) -> None:
+        self.send(Heartbeat(self.epoch))
+        if not self.welcomed:
+            self.say_hello()  # also retries a hello the broker never got
+        elif time.monotonic() - self.last_heard > self.settings.heartbeat_timeout:
+            log.warning("no heartbeat from the broker for %.1fs", self.settings.heartbeat_timeout)
+        self.beat_handle = self.loop.call_later(self.settings.heartbeat_interval, self._beat)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.beat_handle is not None:
+            self.beat_handle.cancel()
+        for _, handle in self.pending.values():
+            handle.cancel()
+        self.pending.clear()
+        try:
+            self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        except (ValueError, OSError, zmq.ZMQError):
+            pass
+        self.sock.close(linger=0)
+
+    # --- sending --------------------------------------------------------------------
+
+    def send(self, message: Verb) -> None:
+        if self.closed:
+            return
+        try:
+            self.sock.send_multipart(envelope.encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("broker queue full; dropped %s", type(message).__name__)
+        if not self.drain_scheduled:
+            self.drain_scheduled = True
+            self.loop.call_soon(self.drain)
+
+    def request(self, make: Callable[[int], Verb], callback: ReplyCallback,
+                timeout: float | None = None) -> None:
+        """Send ``make(rid)``; call ``callback(body)``, or ``callback(None)`` on timeout."""
+        if not self.welcomed:
+            callback(None)
+            return
+        rid = self.next_rid
+        self.next_rid += 1
+        handle = self.loop.call_later(
+            timeout if timeout is not None else self.settings.broker_timeout,
+            self._expire, rid,
+        )
+        self.pending[rid] = (callback, handle)
+        self.send(make(rid))
+
+    async def ask(self, make: Callable[[int], Verb], timeout: float | None = None) -> dict[str, Any]:
+        """Awaitable :meth:`request`; raises :class:`BrokerUnavailable` on timeout."""
+        future: asyncio.Future[dict[str, Any] | None] = self.loop.create_future()
+
+        def done(body: dict[str, Any] | None) -> None:
+            if not future.done():
+                future.set_result(body)
+
+        self.request(make, done, timeout)
+        body = await future
+        if body is None:
+            raise BrokerUnavailable("the broker did not answer in time")
+        return body
+
+    def _expire(self, rid: int) -> None:
+        entry = self.pending.pop(rid, None)
+        if entry is not None:
+            entry[0](None)
+
+    # --- receiving ------------------------------------------------------------------
+
+    def drain(self) -> None:
+        self.drain_scheduled = False
+        if self.closed:
+            return
+        sock = self.sock
+        on_message = self.on_message
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                message = envelope.decode(frames)
+            except envelope.EnvelopeError as exc:
+                log.warning("bad message from the broker: %s", exc)
+                continue
+            self.last_heard = time.monotonic()
+            if isinstance(message, Reply):
+                entry = self.pending.pop(message.rid, None)
+                if entry is not None:
+                    entry[1].cancel()
+                    entry[0](message.body)
+            elif isinstance(message, Heartbeat):
+                if self.welcomed and message.epoch != self.broker_epoch:
+                    log.warning("the broker restarted; replaying this worker's state")
+                    self.say_hello()
+            elif isinstance(message, Welcome):
+                self._welcomed(message)
+            elif isinstance(message, Resync):
+                if self.welcomed:
+                    log.warning("the broker asked for a resync; replaying this worker's state")
+                    self.say_hello()
+            else:
+                on_message(message)
+
+    def _welcomed(self, message: Welcome) -> None:
+        if self.welcomed:
+            return
+        if not message.ok:
+            if "prefix" in message.reason:
+                self.prefix = secrets.randbelow(899_999_999) + 100_000_000
+                self.say_hello()
+                return
+            log.error("the broker refused this worker: %s", message.reason)
+            return
+        replay = self.broker_epoch != 0
+        self.welcomed = True
+        self.broker_epoch = message.broker_epoch
+        self.on_welcome(replay)

@@ -1,0 +1,391 @@
+"""One client TCP connection: HTTP/1.1 until it upgrades, then a Pusher WebSocket.
+
+The HTTP request head is parsed with httptools. A request with ``Upgrade: websocket``
+is handed to websockets' sans-I/O :class:`ServerProtocol` for the handshake and the
+inbound frame parsing; outbound event frames bypass it (they are built once per publish,
+see :mod:`vask.workers.wsframe`). Everything else is the HTTP API, health or 404.
+
+No task and no timer per connection: liveness is a timestamp that the worker's single
+periodic sweep inspects (:meth:`Connection.sweep`). Writes are corked: frames queued in
+one loop iteration leave in one ``write`` (see :meth:`Worker.queue`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import httptools
+import orjson
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidState
+from websockets.frames import Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from vask import frames
+from vask.session import Ask, Bind, Close, PusherSession, Send, Tell
+
+if TYPE_CHECKING:
+    from vask.workers.server import Worker
+
+log = logging.getLogger("vask.worker")
+
+# Connection phases
+HTTP, OPENING, OPEN, CLOSING, CLOSED = range(5)
+
+_JSON = b"application/json"
+
+
+def http_response(status: int, body: bytes, keep_alive: bool = True,
+                  headers: tuple[tuple[str, str], ...] = (),
+                  content_type: bytes = _JSON) -> bytes:
+    """A complete HTTP/1.1 response."""
+    reason = _REASONS.get(status, "Unknown")
+    head = [f"HTTP/1.1 {status} {reason}".encode(),
+            b"Content-Type: " + content_type,
+            f"Content-Length: {len(body)}".encode()]
+    if not keep_alive:
+        head.append(b"Connection: close")
+    for name, value in headers:
+        head.append(f"{name}: {value}".encode())
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+_REASONS = {
+    101: "Switching Protocols", 200: "OK", 204: "No Content", 400: "Bad Request",
+    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    413: "Payload Too Large", 426: "Upgrade Required", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def json_error(status: int, message: str) -> bytes:
+    return orjson.dumps({"error": message, "code": status})
+
+
+class Connection(asyncio.Protocol):
+    """Per-connection state; global state lives on :class:`Worker`."""
+
+    __slots__ = (
+        "app_id",
+        "body",
+        "closing_since",
+        "fragments",
+        "headers",
+        "keep_alive",
+        "last_seen",
+        "opened_at",
+        "out",
+        "parser",
+        "phase",
+        "ping_sent",
+        "responses",
+        "session",
+        "socket_id",
+        "transport",
+        "url",
+        "worker",
+        "ws",
+    )
+
+    def __init__(self, worker: Worker) -> None:
+        # global state
+        self.worker = worker
+        # per-connection state
+        self.transport: asyncio.Transport | None = None
+        self.phase = HTTP
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.ws: ServerProtocol | None = None
+        self.session: PusherSession | None = None
+        self.socket_id = ""
+        self.app_id = ""
+        self.out: list[bytes] | None = None
+        self.last_seen = worker.clock
+        self.opened_at = worker.clock
+        self.ping_sent = 0.0
+        self.closing_since = 0.0
+        self.fragments: list[bytes] | None = None
+        self.responses: list[asyncio.Future[bytes]] | None = None
+        # per-request state
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.keep_alive = True
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.worker.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = CLOSED
+        self.worker.connections.discard(self)
+        self.worker.forget(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.worker.clock
+        self.ping_sent = 0.0
+        if self.ws is not None:
+            self._ws_data(data)
+            return
+        parser = self.parser
+        if parser is None:
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            self._upgrade(data[offset:])
+        except httptools.HttpParserError as exc:
+            self._http_fail(400, f"Malformed HTTP request: {exc}")
+
+    def eof_received(self) -> bool | None:
+        if self.ws is not None:
+            self.ws.receive_eof()
+            self._flush_ws()
+        return None
+
+    # --- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > 16384:
+            raise httptools.HttpParserError("URL too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        if len(self.headers) > 100:
+            raise httptools.HttpParserError("too many headers")
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        if sum(len(b) for b in self.body) > self.worker.settings.max_http_body_bytes:
+            raise _BodyTooLarge
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        if parser.should_upgrade():
+            return  # handled by HttpParserUpgrade
+        self.keep_alive = parser.should_keep_alive()
+        method = parser.get_method().decode()
+        self.worker.http_request(self, method, self.url, self.headers, b"".join(self.body),
+                                 self.keep_alive)
+
+    # --- HTTP ---------------------------------------------------------------------------
+
+    def _http_fail(self, status: int, message: str) -> None:
+        self.write_now(http_response(status, json_error(status, message), keep_alive=False))
+        self.parser = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def respond(self, response: bytes | asyncio.Future[bytes], keep_alive: bool) -> None:
+        """Answer an HTTP request; pipelined answers leave in request order."""
+        if isinstance(response, bytes) and not self.responses:
+            self.write_now(response)
+            if not keep_alive and self.transport is not None:
+                self.transport.close()
+            return
+        if self.responses is None:
+            self.responses = []
+        future: asyncio.Future[bytes]
+        if isinstance(response, bytes):
+            future = self.worker.loop.create_future()
+            future.set_result(response)
+        else:
+            future = response
+        self.responses.append(future)
+        future.add_done_callback(lambda _: self._drain_responses(keep_alive))
+
+    def _drain_responses(self, keep_alive: bool) -> None:
+        pending = self.responses
+        while pending and pending[0].done():
+            future = pending.pop(0)
+            try:
+                self.write_now(future.result())
+            except Exception:
+                log.exception("HTTP API handler failed")
+                self.write_now(http_response(500, json_error(500, "internal error")))
+            if not pending and not keep_alive and self.transport is not None:
+                self.transport.close()
+
+    # --- WebSocket handshake ---------------------------------------------------------------
+
+    def _upgrade(self, rest: bytes) -> None:
+        parser = self.parser
+        self.parser = None
+        assert parser is not None
+        headers = Headers()
+        for name, value in self.headers:
+            headers[name.decode("latin-1")] = value.decode("latin-1")
+        path = self.url.decode("latin-1")
+        ws = ServerProtocol(max_size=self.worker.settings.max_message_bytes)
+        self.ws = ws
+        # httptools already parsed the head; hand websockets the same request through its
+        # public API (serialize + receive_data) so its parser moves on to frames.
+        ws.receive_data(Request(path, headers).serialize())
+        request = ws.events_received()[0]
+        assert isinstance(request, Request)
+        response = ws.accept(request)
+        ws.send_response(response)
+        self._flush_ws()
+        if response.status_code != 101:
+            return
+        self.phase = OPENING
+        self.worker.websocket_opened(self, path)
+        if rest:
+            self._ws_data(rest)
+
+    # --- WebSocket traffic ---------------------------------------------------------------
+
+    def _ws_data(self, data: bytes) -> None:
+        ws = self.ws
+        assert ws is not None
+        ws.receive_data(data)
+        for frame in ws.events_received():
+            opcode = frame.opcode
+            if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
+                if opcode is _CONT:
+                    if self.fragments is None:
+                        continue
+                    self.fragments.append(frame.data)
+                    if not frame.fin:
+                        continue
+                    text = b"".join(self.fragments)
+                    binary = self.fragments[0] is _BINARY_MARK
+                    self.fragments = None
+                    if binary:
+                        self._binary()
+                        continue
+                    self._text(text)
+                elif not frame.fin:
+                    self.fragments = [bytes(frame.data)] if opcode is _TEXT else [_BINARY_MARK]
+                elif opcode is _TEXT:
+                    self._text(frame.data)
+                else:
+                    self._binary()
+        self._flush_ws()
+
+    def _binary(self) -> None:
+        self.queue(frames.error(None, "Binary frames are not supported: send JSON text frames"))
+
+    def _text(self, text: bytes) -> None:
+        session = self.session
+        if session is None or self.phase != OPEN:
+            return  # nothing is accepted before connection_established
+        self.apply(session.receive(text, self.worker.wall))
+
+    def apply(self, actions: list[Any]) -> None:
+        """Carry out the actions a :class:`PusherSession` decided on."""
+        worker = self.worker
+        for action in actions:
+            if isinstance(action, Send):
+                self.queue(action.frame)
+            elif isinstance(action, Tell):
+                worker.link.send(action.message)
+            elif isinstance(action, Bind):
+                worker.bind(self, action.channel, action.on)
+            elif isinstance(action, Ask):
+                worker.ask_subscribe(self, action.message)
+            elif isinstance(action, Close):
+                self.close(action.code, action.reason)
+
+    def _flush_ws(self) -> None:
+        ws = self.ws
+        transport = self.transport
+        if ws is None or transport is None:
+            return
+        for data in ws.data_to_send():
+            if data:
+                self.write_now(data)
+            else:  # websockets signals "close the TCP connection" with b""
+                transport.close()
+                return
+        if ws.state is State.CLOSED or (ws.close_expected() and self.phase == OPEN):
+            if self.phase == OPEN:
+                self.phase = CLOSING
+                self.closing_since = self.worker.clock
+
+    # --- writing -------------------------------------------------------------------------
+
+    def queue(self, payload: bytes) -> None:
+        """Queue one Pusher message (JSON bytes) as a text frame, corked until the end
+        of this loop iteration."""
+        self.worker.queue(self, self.worker.frame(payload))
+
+    def write_now(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.out:
+            transport.write(b"".join(self.out))
+            self.out = None
+        transport.write(data)
+
+    def close(self, code: int, reason: str) -> None:
+        """Send ``pusher:error`` {code, reason}, then a close frame with the same code."""
+        ws = self.ws
+        if ws is None or self.phase >= CLOSING:
+            return
+        self.queue(frames.error(code, reason))
+        self.worker.flush_one(self)
+        self.phase = CLOSING
+        self.closing_since = self.worker.clock
+        try:
+            ws.send_close(code, reason)
+        except InvalidState:
+            pass
+        self._flush_ws()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- liveness (called by the worker's sweep) ----------------------------------------
+
+    def sweep(self, now: float) -> None:
+        phase = self.phase
+        worker = self.worker
+        if phase == OPEN:
+            settings = worker.settings
+            if self.ping_sent:
+                if now - self.ping_sent > settings.pong_timeout:
+                    self.close(4201, "Pong reply not received")
+            elif now - self.last_seen > settings.activity_timeout:
+                self.ping_sent = now
+                self.queue(frames.PING)
+            session = self.session
+            if session is not None and not session.authorized and \
+                    session.app.enable_user_authentication and \
+                    now - self.opened_at > session.app.user_authentication_timeout:
+                self.close(4009, "Connection not authorized within timeout")
+        elif phase == CLOSING:
+            if now - self.closing_since > 5.0:
+                self.abort()
+        elif phase == HTTP:
+            # idle keep-alive HTTP connections, or a slow request head
+            if now - self.last_seen > 60.0:
+                self.abort()
+        elif phase == OPENING and now - self.opened_at > worker.settings.broker_timeout + 5:
+            self.close(4200, "Could not open the connection in time; reconnect")
+
+
+class _BodyTooLarge(httptools.HttpParserError):
+    pass
+
+
+_BINARY_MARK = b"\x00binary"
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT

@@ -1,0 +1,363 @@
+"""The worker process: one uvloop loop serving one SO_REUSEPORT socket shard.
+
+Global state of a worker: its connections, the local index ``(app, channel) -> local
+connections``, the broker link, the cork list and a coarse clock that the single
+periodic sweep advances (connections read it instead of calling ``time``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import orjson
+
+from vask import frames
+from vask.config import App, Settings
+from vask.envelope import (
+    ConnClose,
+    ConnOpen,
+    Deliver,
+    DeliverTo,
+    Publish,
+    SignIn,
+    Subscribe,
+    Terminate,
+    Verb,
+)
+from vask.process import die_with_parent
+from vask.session import PusherSession
+from vask.workers.broker_link import BrokerLink, BrokerUnavailable
+from vask.workers.connection import (
+    OPEN,
+    OPENING,
+    Connection,
+    http_response,
+    json_error,
+)
+from vask.workers.wsframe import text_frame
+
+log = logging.getLogger("vask.worker")
+
+SWEEP_INTERVAL = 1.0
+STARTUP_FAILURE = 3  # exit status: the supervisor must not restart us
+
+
+class Worker:
+    """Everything one worker process holds."""
+
+    def __init__(self, settings: Settings, endpoint: str, slot: int) -> None:
+        self.settings = settings
+        self.slot = slot
+        self.loop = asyncio.get_running_loop()
+        self.apps_by_key: dict[str, App] = {a.key: a for a in settings.apps}
+        self.connections: set[Connection] = set()
+        self.by_socket_id: dict[str, Connection] = {}
+        self.index: dict[tuple[str, str], set[Connection]] = {}
+        self.dirty: list[Connection] = []
+        self.flush_scheduled = False
+        self.clock = time.monotonic()
+        self.wall = time.time()
+        self.next_socket = 1
+        self.link = BrokerLink(settings, endpoint, slot, self.on_broker_message, self.on_welcome)
+        self.welcomed = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+        self.stopping = False
+        self._frame_cache: tuple[bytes, bytes] = (b"", b"")
+        self.api: Any = None
+
+    # --- clock and sweep ----------------------------------------------------------------
+
+    def sweep(self) -> None:
+        self.clock = now = time.monotonic()
+        self.wall = time.time()
+        for conn in list(self.connections):
+            conn.sweep(now)
+        self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+
+    # --- broker ---------------------------------------------------------------------
+
+    def on_welcome(self, replay: bool) -> None:
+        self.welcomed.set()
+        if replay:
+            self.replay()
+
+    def replay(self) -> None:
+        """Tell a restarted broker everything this worker holds (DESIGN.md failure rules)."""
+        link = self.link
+        for conn in self.connections:
+            session = conn.session
+            if session is None or conn.phase != OPEN:
+                continue
+            link.send(ConnOpen(0, session.app.id, session.socket_id, 0))
+            for channel, member in session.replay_subscriptions():
+                link.send(Subscribe(0, session.app.id, channel, session.socket_id, member, 0))
+            if session.user_id is not None:
+                link.send(SignIn(session.app.id, session.socket_id, session.user_id,
+                                 session.watchlist))
+
+    def on_broker_message(self, message: Verb) -> None:
+        if isinstance(message, Deliver):
+            self.deliver(message)
+        elif isinstance(message, DeliverTo):
+            frame = text_frame(message.payload)
+            for socket_id in message.socket_ids:
+                conn = self.by_socket_id.get(socket_id)
+                if conn is not None:
+                    self.queue(conn, frame)
+        elif isinstance(message, Terminate):
+            for socket_id in message.socket_ids:
+                conn = self.by_socket_id.get(socket_id)
+                if conn is not None:
+                    conn.close(message.code, message.message)
+        else:
+            log.warning("unexpected %s from the broker", type(message).__name__)
+
+    def deliver(self, message: Deliver) -> None:
+        """Fan one payload out to local subscribers: framed once, written corked."""
+        targets = self.index.get((message.app, message.channel))
+        if not targets:
+            return
+        frame = text_frame(message.payload)
+        exclude = message.exclude
+        queue = self.queue
+        for conn in targets:
+            if conn.socket_id != exclude:
+                queue(conn, frame)
+
+    # --- local index ----------------------------------------------------------------
+
+    def bind(self, conn: Connection, channel: str, on: bool) -> None:
+        key = (conn.app_id, channel)
+        if on:
+            members = self.index.get(key)
+            if members is None:
+                members = self.index[key] = set()
+            members.add(conn)
+        else:
+            members = self.index.get(key)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del self.index[key]
+
+    def forget(self, conn: Connection) -> None:
+        """A connection ended: drop it locally and tell the broker."""
+        session = conn.session
+        if session is None:
+            return
+        conn.session = None
+        self.by_socket_id.pop(session.socket_id, None)
+        for channel in session.local_channels():
+            self.bind(conn, channel, False)
+        if not self.stopping or self.link.up:
+            self.link.send(ConnClose(session.app.id, session.socket_id))
+
+    def ask_subscribe(self, conn: Connection, message: Subscribe) -> None:
+        def answered(body: dict[str, Any] | None) -> None:
+            session = conn.session
+            if session is None:
+                return
+            if body is None:
+                body = {"ok": False, "type": "ServerError", "status": 503,
+                        "error": "The cluster did not answer in time; try again"}
+                session.subscriptions.pop(message.channel, None)
+            conn.apply(session.subscribe_answered(message, body))
+
+        self.link.request(
+            lambda rid: Subscribe(rid, message.app, message.channel, message.socket_id,
+                                  message.member, message.max_members),
+            answered,
+        )
+
+    # --- writing --------------------------------------------------------------------
+
+    def frame(self, payload: bytes) -> bytes:
+        # Consecutive sends of the same payload (a fan-out) reuse one frame.
+        cached = self._frame_cache
+        if cached[0] is payload:
+            return cached[1]
+        frame = text_frame(payload)
+        self._frame_cache = (payload, frame)
+        return frame
+
+    def queue(self, conn: Connection, frame: bytes) -> None:
+        out = conn.out
+        if out is None:
+            conn.out = [frame]
+            self.dirty.append(conn)
+            if not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.loop.call_soon(self.flush)
+        else:
+            out.append(frame)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        dirty = self.dirty
+        self.dirty = []
+        limit = self.settings.write_buffer_limit
+        for conn in dirty:
+            self.flush_one(conn, limit)
+
+    def flush_one(self, conn: Connection, limit: int = 0) -> None:
+        out = conn.out
+        if out is None:
+            return
+        conn.out = None
+        transport = conn.transport
+        if transport is None:
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if limit and transport.get_write_buffer_size() > limit:
+            # A slow consumer: cut it off rather than buffer without bound.
+            transport.abort()
+
+    # --- new connections ------------------------------------------------------------
+
+    def websocket_opened(self, conn: Connection, target: str) -> None:
+        """Apply the connect-time rules (vask-scope §1) to a fresh WebSocket."""
+        path, _, query = target.partition("?")
+        if not path.startswith("/app/") or "/" in path[5:] or len(path) == 5:
+            conn.phase = OPEN
+            conn.close(4005, "Path not found")
+            return
+        key = unquote(path[5:])
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        protocol = params.get("protocol", "7")
+        if not protocol.isdigit():
+            conn.phase = OPEN
+            conn.close(4006, "Invalid version string format")
+            return
+        if not 4 <= int(protocol) <= 7:
+            conn.phase = OPEN
+            conn.close(4007, "Unsupported protocol version")
+            return
+        app = self.apps_by_key.get(key)
+        if app is None:
+            conn.phase = OPEN
+            conn.close(4001, "Application does not exist")
+            return
+        if not app.enabled:
+            conn.phase = OPEN
+            conn.close(4003, "Application disabled")
+            return
+        if self.stopping:
+            conn.phase = OPEN
+            conn.close(4200, "Server is closing. Please reconnect shortly.")
+            return
+        socket_id = f"{self.link.prefix}.{self.next_socket}"
+        self.next_socket += 1
+        conn.socket_id = socket_id
+        conn.app_id = app.id
+        if not app.max_connections:
+            self.link.send(ConnOpen(0, app.id, socket_id, 0))
+            self._established(conn, app)
+            return
+
+        def answered(body: dict[str, Any] | None) -> None:
+            if conn.phase != OPENING:
+                return
+            conn.phase = OPEN
+            if body is None:
+                conn.close(4100, "Over capacity: the cluster did not answer; retry later")
+            elif not body.get("ok"):
+                conn.close(4004, "Application is over connection quota")
+            else:
+                self._established(conn, app)
+
+        self.link.request(lambda rid: ConnOpen(rid, app.id, socket_id, app.max_connections),
+                          answered)
+
+    def _established(self, conn: Connection, app: App) -> None:
+        conn.phase = OPEN
+        conn.session = PusherSession(app, conn.socket_id)
+        self.by_socket_id[conn.socket_id] = conn
+        conn.queue(frames.connection_established(conn.socket_id,
+                                                 self.settings.activity_timeout))
+
+    # --- HTTP -----------------------------------------------------------------------
+
+    def http_request(self, conn: Connection, method: str, url: bytes,
+                     headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool) -> None:
+        target = url.decode("latin-1")
+        path, _, query = target.partition("?")
+        if path == "/up" or path == "/":
+            conn.respond(http_response(200, b'{"status":"ok"}', keep_alive), keep_alive)
+            return
+        if path == "/ready":
+            ready = self.link.up and not self.stopping
+            status = 200 if ready else 503
+            body_out = orjson.dumps({"ready": ready, "broker": self.link.up})
+            conn.respond(http_response(status, body_out, keep_alive), keep_alive)
+            return
+        if self.api is not None and (path.startswith("/apps/") or path.startswith("/users/")):
+            future = asyncio.ensure_future(
+                self.api.handle(self, method, path, query, headers, body, keep_alive))
+            conn.respond(future, keep_alive)
+            return
+        conn.respond(http_response(404, json_error(404, f"No route for {method} {path}"),
+                                   keep_alive), keep_alive)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def serve(self, sock: socket.socket, parent_pid: int) -> None:
+        self.link.start()
+        self.sweep()
+        try:
+            await asyncio.wait_for(self.welcomed.wait(), timeout=30)
+        except TimeoutError:
+            log.error("worker %d: no broker at %s after 30s", self.slot, self.link.endpoint)
+            raise SystemExit(STARTUP_FAILURE) from None
+        self.server = await self.loop.create_server(
+            lambda: Connection(self), sock=sock, backlog=4096)
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, stop.set)
+        log.info("worker %d serving (pid %d)", self.slot, os.getpid())
+        await stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            if conn.phase == OPEN:
+                conn.close(4200, "Server is closing. Please reconnect shortly.")
+            elif conn.phase != OPENING:
+                conn.abort()
+        self.flush()
+        deadline = self.loop.time() + self.settings.shutdown_grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        self.link.close()
+
+
+def run_worker(settings: Settings, endpoint: str, slot: int, fd: int, parent_pid: int) -> None:
+    """Process entry point (called in the forked child)."""
+    import uvloop
+
+    die_with_parent(parent_pid)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+
+    async def main() -> None:
+        worker = Worker(settings, endpoint, slot)
+        try:
+            from vask.workers.api_adapter import ApiAdapter
+        except ImportError:
+            pass
+        else:
+            worker.api = ApiAdapter(worker)
+        await worker.serve(sock, parent_pid)
+
+    uvloop.run(main())
