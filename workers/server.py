@@ -33,7 +33,8 @@ from vask.envelope import (
 )
 from vask.process import die_with_parent
 from vask.session import PusherSession
-from vask.workers.broker_link import BrokerLink, BrokerUnavailable
+from vask.workers.api_adapter import ApiAdapter
+from vask.workers.broker_link import BrokerLink
 from vask.workers.connection import (
     OPEN,
     OPENING,
@@ -70,7 +71,7 @@ class Worker:
         self.server: asyncio.AbstractServer | None = None
         self.stopping = False
         self._frame_cache: tuple[bytes, bytes] = (b"", b"")
-        self.api: Any = None
+        self.api: ApiAdapter | None = None
 
     # --- clock and sweep ----------------------------------------------------------------
 
@@ -299,7 +300,7 @@ class Worker:
             return
         if self.api is not None and (path.startswith("/apps/") or path.startswith("/users/")):
             future = asyncio.ensure_future(
-                self.api.handle(self, method, path, query, headers, body, keep_alive))
+                self.api.handle(method, path, query, headers, body, keep_alive))
             conn.respond(future, keep_alive)
             return
         conn.respond(http_response(404, json_error(404, f"No route for {method} {path}"),
@@ -352,12 +353,7 @@ def run_worker(settings: Settings, endpoint: str, slot: int, fd: int, parent_pid
 
     async def main() -> None:
         worker = Worker(settings, endpoint, slot)
-        try:
-            from vask.workers.api_adapter import ApiAdapter
-        except ImportError:
-            pass
-        else:
-            worker.api = ApiAdapter(worker)
+        worker.api = ApiAdapter(worker)
         await worker.serve(sock, parent_pid)
 
     uvloop.run(main())

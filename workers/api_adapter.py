@@ -1,0 +1,64 @@
+"""Connects the HTTP API (:mod:`vask.workers.http_api`) to a worker process.
+
+:class:`ApiAdapter` is the worker's :class:`~vask.workers.http_api.ApiContext`: publishes
+and other casts go straight to the broker link, queries become request/reply exchanges
+with a timeout, and the raw request pieces from the connection become an
+:class:`~vask.workers.http_api.ApiRequest`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from vask.config import Settings
+from vask.envelope import Publish, Query, Verb
+from vask.workers import broker_link
+from vask.workers.connection import http_response
+from vask.workers.http_api import ApiRequest, BrokerUnavailable, handle_api
+
+if TYPE_CHECKING:
+    from vask.workers.server import Worker
+
+
+class ApiAdapter:
+    """The worker seen from the HTTP API."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    @property
+    def settings(self) -> Settings:
+        return self.worker.settings
+
+    def publish(self, msg: Publish) -> None:
+        self.worker.link.send(msg)
+
+    def send(self, msg: Verb) -> None:
+        self.worker.link.send(msg)
+
+    async def query(self, app_id: str, kind: str, args: dict[str, Any]) -> dict[str, Any]:
+        link = self.worker.link
+        if not link.up:
+            raise BrokerUnavailable("the broker is unreachable")
+        try:
+            return await link.ask(lambda rid: Query(rid, app_id, kind, args))
+        except broker_link.BrokerUnavailable as exc:
+            raise BrokerUnavailable(str(exc)) from None
+
+    def now(self) -> float:
+        return time.time()
+
+    async def handle(self, method: str, path: str, query: str,
+                     headers: list[tuple[bytes, bytes]], body: bytes,
+                     keep_alive: bool) -> bytes:
+        """Run one API request; the complete HTTP response bytes."""
+        request = ApiRequest(
+            method=method,
+            path=path,
+            query=query,
+            headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers},
+            body=body,
+        )
+        response = await handle_api(request, self)
+        return http_response(response.status, response.body, keep_alive, response.headers)
