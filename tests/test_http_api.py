@@ -612,6 +612,21 @@ def test_internal_bug_is_500_without_details(caplog: pytest.LogCaptureFixture) -
     assert "HTTP API failed" in caplog.text
 
 
+def test_broker_refusing_a_query_is_500() -> None:
+    ctx = FakeContext()
+    ctx.replies["channels"] = {"error": "bad query: 'prefix'"}
+    assert_error(run(request("GET", "/apps/3/channels"), ctx), 500, "Internal server error")
+
+
+def test_channels_list_drops_unoccupied_entries() -> None:
+    ctx = FakeContext()
+    ctx.replies["channels"] = {"channels": {"a": {"subscription_count": 0, "user_count": 0},
+                                            "b": {"subscription_count": 1, "user_count": 0},
+                                            "x-other": {"subscription_count": 1}}}
+    resp = run(request("GET", "/apps/3/channels", extra={"filter_by_prefix": "b"}), ctx)
+    assert body_of(resp) == {"channels": {"b": {}}}
+
+
 def test_settings_are_read_per_request() -> None:
     ctx = FakeContext(Settings(apps=(OFF,)))
     body = {"name": "e", "channel": "a", "data": "x"}

@@ -217,8 +217,16 @@ def _publish(ctx: ApiContext, app: App, event: Event) -> None:
         ctx.publish(Publish(app.id, channel, exclude, ttl, payload))
 
 
+async def _ask(call: _Call, kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A broker query; a reply saying the query was malformed is our bug (→ 500)."""
+    reply = await call.ctx.query(call.app.id, kind, args)
+    if "error" in reply:
+        raise RuntimeError(f"broker refused the {kind!r} query: {reply['error']}")
+    return reply
+
+
 async def _counts(call: _Call, channels: Sequence[str]) -> Mapping[str, Any]:
-    reply = await call.ctx.query(call.app.id, "counts", {"channels": list(channels)})
+    reply = await _ask(call, "counts", {"channels": list(channels)})
     counts = reply.get("channels")
     return counts if isinstance(counts, dict) else {}
 
@@ -283,14 +291,18 @@ async def channels_list(call: _Call) -> ApiResponse:
     prefix = query.get("filter_by_prefix", "")
     info = parse_info(query.get("info"), CHANNELS_INFO)
     check_channels_info(info, prefix)
-    reply = await call.ctx.query(call.app.id, "channels", {"prefix": prefix})
+    reply = await _ask(call, "channels", {"prefix": prefix})
     listed = reply.get("channels")
     channels: dict[str, dict[str, int]] = {}
     if isinstance(listed, dict):
         for name, entry in listed.items():
-            # The broker filters already; internal '#' channels are never shown.
-            if name.startswith(prefix) and not name.startswith("#"):
-                channels[name] = _attributes(name, info, entry)
+            # The broker filters already; this only guards the contract: occupied
+            # channels under the prefix, never an internal '#' channel.
+            if not name.startswith(prefix) or name.startswith("#"):
+                continue
+            if isinstance(entry, dict) and entry.get("subscription_count") == 0:
+                continue
+            channels[name] = _attributes(name, info, entry)
     return _json({"channels": channels})
 
 
@@ -302,9 +314,7 @@ async def channel_info(call: _Call) -> ApiResponse:
     check_channel_name(call.app, channel)
     info = parse_info(_query_values(call.params).get("info"), CHANNEL_INFO)
     check_channel_info(info, channel)
-    reply = await call.ctx.query(
-        call.app.id, "channel", {"channel": channel, "cache": "cache" in info}
-    )
+    reply = await _ask(call, "channel", {"channel": channel, "cache": "cache" in info})
     out: dict[str, Any] = {"occupied": bool(reply.get("occupied"))}
     out.update(_attributes(channel, info, reply))
     if "cache" in info:
@@ -328,7 +338,7 @@ async def channel_users(call: _Call) -> ApiResponse:
     check_channel_name(call.app, channel)
     if not kind_of(channel).presence:
         raise ApiError(400, f"The channel must be a presence channel; {channel!r} is not.")
-    reply = await call.ctx.query(call.app.id, "users", {"channel": channel})
+    reply = await _ask(call, "users", {"channel": channel})
     users = reply.get("users")
     ids = users if isinstance(users, list) else []
     return _json({"users": [{"id": str(user_id)} for user_id in ids]})
