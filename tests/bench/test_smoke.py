@@ -2,7 +2,8 @@
 
 The server command is ``$VASK_BENCH_SMOKE_CMD`` when set (e.g. soketi:
 ``PORT={port} METRICS_PORT={port2} CLUSTER_PORT={port3} USER_AUTH_TIMEOUT_MS=3600000
-bash /work/shared/peers/soketi/run.sh``), else ``vask run --workers 1 --port {port}``.
+bash /work/shared/peers/soketi/run.sh``), else ``vask run --workers 1 --port {port}``
+(app id ``1``, Vask's default app).
 Only correctness is asserted (delivery ratio exactly 1.0, exact member events),
 never speed.
 """
@@ -18,12 +19,16 @@ from typing import Any
 import pytest
 
 SERVER_CMD = os.environ.get("VASK_BENCH_SMOKE_CMD", "vask run --workers 1 --port {port}")
+# Vask's default app has id "1"; soketi's is "app-id". Override with VASK_BENCH_SMOKE_APP_ID.
+APP_ID = os.environ.get(
+    "VASK_BENCH_SMOKE_APP_ID", "app-id" if "VASK_BENCH_SMOKE_CMD" in os.environ else "1"
+)
 
 
 def run_bench(*args: str) -> dict[str, Any]:
     argv = [sys.executable, "-m", "vask.bench", *args, "--server-cmd", SERVER_CMD,
-            "--startup-timeout", "10", "--drain-timeout", "3", "--connect-timeout", "5",
-            "--json", "--quiet"]
+            "--app-id", APP_ID, "--startup-timeout", "10", "--drain-timeout", "3",
+            "--connect-timeout", "5", "--json", "--quiet"]
     proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
     assert proc.stdout, proc.stderr.decode()[-2000:]
     result: dict[str, Any] = json.loads(proc.stdout)
