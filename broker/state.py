@@ -363,7 +363,14 @@ class ClusterState:
         if state is None:
             return []
         message = Deliver(app_id, channel, exclude, payload)
-        return [(worker, message) for worker in state.per_worker]
+        skip = None
+        if exclude:
+            # Do not wake a worker whose only subscriber is the excluded connection.
+            info = self.sockets.get((app_id, exclude))
+            if info is not None and state.per_worker.get(info.worker) == 1 \
+                    and channel in info.channels:
+                skip = info.worker
+        return [(worker, message) for worker in state.per_worker if worker != skip]
 
     # --- subscription counts ------------------------------------------------------
 

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from vask.config import Settings
 from vask.envelope import Publish, Query, Verb
-from vask.workers import broker_link
+from vask.workers.broker_link import BrokerUnavailable
 from vask.workers.connection import http_response
-from vask.workers.http_api import ApiRequest, BrokerUnavailable, handle_api
+from vask.workers.http_api import ApiRequest, handle_api
 
 if TYPE_CHECKING:
     from vask.workers.server import Worker
@@ -41,10 +41,7 @@ class ApiAdapter:
         link = self.worker.link
         if not link.up:
             raise BrokerUnavailable("the broker is unreachable")
-        try:
-            return await link.ask(lambda rid: Query(rid, app_id, kind, args))
-        except broker_link.BrokerUnavailable as exc:
-            raise BrokerUnavailable(str(exc)) from None
+        return await link.ask(lambda rid: Query(rid, app_id, kind, args))
 
     def now(self) -> float:
         return time.time()

@@ -62,6 +62,7 @@ from vask.api_rules import (
 from vask.channels import kind_of
 from vask.config import App, Settings
 from vask.envelope import Publish, TerminateUser, Verb
+from vask.workers.broker_link import BrokerUnavailable
 
 __all__ = [
     "CONTENT_TYPE",
@@ -107,11 +108,6 @@ class ApiResponse:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
-
-
-class BrokerUnavailable(Exception):
-    """Raised by :meth:`ApiContext.query` (or a cast) when the broker cannot be reached
-    in time; the API answers 503."""
 
 
 class ApiContext(Protocol):
