@@ -270,7 +270,10 @@ class ClusterState:
             state.per_worker.pop(info.worker, None)
         state.count -= 1
         for user_id, connections in list(state.members.items()):
-            if connections.pop(socket_id, None) is not None and not connections:
+            if socket_id not in connections:
+                continue
+            del connections[socket_id]  # user_info may be None: test membership, not value
+            if not connections:
                 del state.members[user_id]
                 out += self._route(app_id, channel, socket_id,
                                    frames.member_removed(channel, user_id))

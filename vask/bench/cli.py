@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -242,14 +243,18 @@ def _get(metrics: dict[str, Any], path: str) -> float:
 @click.argument("cmd_b")
 @click.argument("scenario", type=click.Choice(sorted(KEY_METRICS)))
 @click.option("--rounds", type=int, default=3, show_default=True, help="A/B rounds (>= 3).")
+@click.option("--a-args", default="", help="Extra scenario options for A only, e.g. "
+              "'--app-id app-id' (shell-quoted string).")
+@click.option("--b-args", default="", help="Extra scenario options for B only, e.g. '--app-id 1'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.pass_context
 def compare(ctx: click.Context, cmd_a: str, cmd_b: str, scenario: str, rounds: int,
-            as_json: bool) -> None:
+            a_args: str, b_args: str, as_json: bool) -> None:
     """Run SCENARIO against CMD_A and CMD_B alternately (A B A B ...) and compare medians.
 
     Any further options are passed to the scenario, e.g.
     ``vask bench compare 'CMD_A' 'CMD_B' fanout -s 500 -e 500 --rounds 3``.
+    Servers whose credentials differ get them through ``--a-args``/``--b-args``.
     Each run is a fresh ``python -m vask.bench SCENARIO --server-cmd CMD --json`` process.
     """
     if rounds < 3:
@@ -258,10 +263,10 @@ def compare(ctx: click.Context, cmd_a: str, cmd_b: str, scenario: str, rounds: i
     runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
     failed_runs: list[str] = []
     for rnd in range(1, rounds + 1):
-        for label, cmd in (("A", cmd_a), ("B", cmd_b)):
+        for label, cmd, own in (("A", cmd_a, a_args), ("B", cmd_b, b_args)):
             click.echo(f"[compare] round {rnd}/{rounds} {label}: {cmd}", err=True)
             argv = [sys.executable, "-m", "vask.bench", scenario, "--server-cmd", cmd,
-                    "--json", *extra]
+                    "--json", *extra, *shlex.split(own)]
             proc = subprocess.run(argv, stdout=subprocess.PIPE, env=os.environ.copy(),
                                   check=False)
             try:
