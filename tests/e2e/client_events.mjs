@@ -1,0 +1,71 @@
+// Scenario 5: client events. A whispers `client-typing` on a private channel: every other
+// subscriber (spread over workers) gets it, A never gets its own. On a presence channel
+// the receivers also learn who sent it: metadata.user_id is A's presence user id, which
+// the server stamps (clients cannot choose it).
+import {
+  run, makeClient, connected, subscribe, within, sleep, observe, check, step, tag,
+} from './lib.mjs';
+
+const RECEIVERS = 3;
+
+async function whisperRound(kind, channelName, clients) {
+  const [sender, ...receivers] = clients;
+  const got = new Map(clients.map((c) => [c.label, []]));
+  const channels = [];
+  for (const c of clients) {
+    step(`${c.label} subscribes ${kind}`);
+    const { channel } = await subscribe(c, channelName);
+    channel.bind('client-typing', (data, metadata) =>
+      got.get(c.label).push({ data, user_id: metadata ? metadata.user_id ?? null : null }));
+    channels.push(channel);
+  }
+  // A user_id inside data is just payload: it must arrive untouched and must not be
+  // mistaken for the sender identity the server adds on presence channels.
+  const message = { typing: true, text: `hello from ${sender.label}`, user_id: 'forged' };
+  step(`${kind}: sender triggers`);
+  const accepted = channels[0].trigger('client-typing', message);
+  check(`${kind}: pusher-js accepted the trigger`, accepted === true, accepted);
+  step(`${kind}: receivers get it`);
+  await within(5000, `${kind} client-typing at every receiver`, new Promise((resolve) => {
+    const poll = () => (receivers.every((r) => got.get(r.label).length > 0) ? resolve() : setTimeout(poll, 20));
+    poll();
+  })).catch((err) => check(`${kind}: every receiver got client-typing`, false, String(err.message)));
+  await sleep(300); // time for an (incorrect) echo to the sender to show up
+  const report = Object.fromEntries([...got].map(([k, v]) => [k, v]));
+  observe(`${kind}_deliveries`, report);
+  for (const r of receivers) {
+    const list = got.get(r.label);
+    check(`${kind}: ${r.label} got exactly one`, list.length === 1, list);
+    if (list.length > 0) {
+      check(`${kind}: ${r.label} data intact`, JSON.stringify(list[0].data) === JSON.stringify(message), list[0].data);
+    }
+  }
+  check(`${kind}: sender got no echo`, got.get(sender.label).length === 0, got.get(sender.label));
+  return got;
+}
+
+run(async () => {
+  const names = ['A', ...Array.from({ length: RECEIVERS }, (_, i) => `B${i + 1}`)];
+  const clients = names.map((label) => makeClient(label, {
+    user: { user_id: `uid-${label}`, user_info: { name: label } },
+  }));
+  step('connect');
+  await Promise.all(clients.map((c) => connected(c)));
+  observe('socket_ids', clients.map((c) => c.pusher.connection.socket_id));
+
+  const priv = await whisperRound('private', `private-chat-${tag}`, clients);
+  // On a private channel there is no identity to attach.
+  for (const [label, list] of priv) {
+    for (const item of list) {
+      check(`private: ${label} got no user_id`, item.user_id === null || item.user_id === undefined, item);
+    }
+  }
+
+  const pres = await whisperRound('presence', `presence-chat-${tag}`, clients);
+  for (const [label, list] of pres) {
+    if (label === 'A') continue;
+    for (const item of list) {
+      check(`presence: ${label} metadata.user_id is the sender's`, item.user_id === 'uid-A', item.user_id);
+    }
+  }
+});

@@ -1,0 +1,118 @@
+// Scenario 4: presence across workers. Clients join one at a time; every client already
+// in the channel must see member_added with the newcomer's user_info, and every roster
+// must count everybody. Then they leave one at a time and the rest see member_removed.
+// With several workers and SO_REUSEPORT spreading connections, six clients make it all
+// but certain that some pairs sit on different workers, and we check every pair.
+import {
+  run, makeClient, connected, subscribe, within, sleep, observe, check, step, tag,
+} from './lib.mjs';
+
+const COUNT = Number(process.env.E2E_PRESENCE_CLIENTS ?? 6);
+
+function waitUntil(what, predicate, ms = 5000) {
+  return within(ms, what, new Promise((resolve) => {
+    const poll = () => (predicate() ? resolve() : setTimeout(poll, 20));
+    poll();
+  }));
+}
+
+run(async () => {
+  const channelName = `presence-room-${tag}`;
+  const members = [];
+  for (let i = 0; i < COUNT; i += 1) {
+    const user = { user_id: `user-${i}`, user_info: { name: `Person ${i}`, seat: i } };
+    const entry = makeClient(`C${i}`, { user });
+    entry.user = user;
+    entry.added = []; // [{id, info}] in arrival order
+    entry.removed = []; // [id]
+    members.push(entry);
+  }
+  step('connect');
+  await Promise.all(members.map((m) => connected(m)));
+  observe('socket_ids', members.map((m) => m.pusher.connection.socket_id));
+
+  // Join one by one so each member_added has one unambiguous expected recipient set.
+  for (let k = 0; k < COUNT; k += 1) {
+    const m = members[k];
+    step(`C${k} joins`);
+    const { channel, data } = await subscribe(m, channelName, 5000, (ch) => {
+      ch.bind('pusher:member_added', (member) => m.added.push({ id: member.id, info: member.info }));
+      ch.bind('pusher:member_removed', (member) => m.removed.push(member.id));
+    });
+    m.channel = channel;
+    // The joining socket's own roster must already include everybody so far, itself too.
+    check(`C${k} roster count on join`, data.count === k + 1, { count: data.count, expected: k + 1 });
+    check(`C${k} sees itself as me`, data.me && data.me.id === m.user.user_id, data.me);
+    step(`earlier members see user-${k}`);
+    await waitUntil(`member_added(user-${k}) at C0..C${k - 1}`, () =>
+      members.slice(0, k).every((e) => e.added.some((a) => a.id === m.user.user_id)),
+    ).catch((err) => check(`member_added(user-${k}) everywhere`, false, String(err.message)));
+  }
+  await sleep(200); // let any stray duplicate or self-notification show up
+
+  const pairs = [];
+  for (let i = 0; i < COUNT; i += 1) {
+    const m = members[i];
+    const expectedAdded = members.slice(i + 1).map((e) => e.user.user_id);
+    const gotAdded = m.added.map((a) => a.id);
+    pairs.push({ client: m.label, added: gotAdded });
+    check(`C${i} member_added exactly the later joiners`,
+      JSON.stringify(gotAdded) === JSON.stringify(expectedAdded), { got: gotAdded, expected: expectedAdded });
+    for (const a of m.added) {
+      const joiner = members.find((e) => e.user.user_id === a.id);
+      if (joiner) {
+        check(`C${i} got user_info of ${a.id}`,
+          JSON.stringify(a.info) === JSON.stringify(joiner.user.user_info), a.info);
+      }
+    }
+    check(`C${i} never saw itself added`, !gotAdded.includes(m.user.user_id), gotAdded);
+    check(`C${i} members.count`, m.channel.members.count === COUNT,
+      { count: m.channel.members.count, expected: COUNT });
+    const other = members[(i + 1) % COUNT];
+    const seen = m.channel.members.get(other.user.user_id);
+    check(`C${i} roster has ${other.user.user_id} with info`,
+      seen && JSON.stringify(seen.info) === JSON.stringify(other.user.user_info), seen);
+  }
+  observe('member_added_per_client', pairs);
+  observe('counts_after_join', members.map((m) => m.channel.members.count));
+
+  // A second connection of an existing user is the same member: nobody may see a
+  // member_added for it, and its leaving must not remove the user either.
+  step('second tab of user-0 joins');
+  const tab = makeClient('C0-tab', { user: members[0].user });
+  await connected(tab);
+  const { data: tabRoster } = await subscribe(tab, channelName);
+  observe('second_tab_roster_count', tabRoster.count);
+  check('second tab roster count', tabRoster.count === COUNT, tabRoster.count);
+  await sleep(300);
+  const dupAdds = members.filter((m) => m.added.length !== COUNT - 1 - members.indexOf(m));
+  check('no member_added for a second connection of a present user', dupAdds.length === 0,
+    dupAdds.map((m) => ({ client: m.label, added: m.added.map((a) => a.id) })));
+  step('second tab leaves');
+  tab.pusher.disconnect();
+  await sleep(400);
+  const earlyRemoves = members.filter((m) => m.removed.length > 0);
+  check('no member_removed while user-0 still has a connection', earlyRemoves.length === 0,
+    earlyRemoves.map((m) => ({ client: m.label, removed: m.removed })));
+
+  // Leave last-in first-out; each departure must reach every remaining client.
+  for (let k = COUNT - 1; k >= 1; k -= 1) {
+    const leaver = members[k];
+    step(`C${k} disconnects`);
+    leaver.pusher.disconnect();
+    const rest = members.slice(0, k);
+    await waitUntil(`member_removed(user-${k}) at C0..C${k - 1}`, () =>
+      rest.every((e) => e.removed.includes(leaver.user.user_id)),
+    ).catch((err) => check(`member_removed(user-${k}) everywhere`, false, String(err.message)));
+    await waitUntil(`members.count == ${k} at C0..C${k - 1}`, () =>
+      rest.every((e) => e.channel.members.count === k),
+    ).catch(() => check(`members.count after user-${k} left`, false,
+      rest.map((e) => e.channel.members.count)));
+  }
+  observe('removed_at_C0', members[0].removed);
+  const expectedRemoved = members.slice(1).map((e) => e.user.user_id).reverse();
+  check('C0 saw every departure once, in order',
+    JSON.stringify(members[0].removed) === JSON.stringify(expectedRemoved),
+    { got: members[0].removed, expected: expectedRemoved });
+  observe('final_count_at_C0', members[0].channel.members.count);
+});

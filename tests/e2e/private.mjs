@@ -1,0 +1,41 @@
+// Scenario 3: private channel auth signed with the right secret is accepted; a second
+// client whose signature was made with the wrong secret is refused with
+// pusher:subscription_error (and stays connected, per the protocol).
+import {
+  run, makeClient, connected, subscribe, subscriptionError, once, within, api, observe,
+  check, step, sleep, tag,
+} from './lib.mjs';
+
+run(async () => {
+  const channelName = `private-orders-${tag}`;
+  const good = makeClient('good');
+  const bad = makeClient('bad', { badAuth: true });
+  step('connect');
+  await Promise.all([connected(good), connected(bad)]);
+
+  step('good subscribes');
+  const { channel } = await subscribe(good, channelName);
+  observe('good_subscribed', true);
+
+  step('bad subscribes');
+  const error = await subscriptionError(bad, channelName);
+  observe('bad_error', error);
+  // pusher-js reports server refusals as {type:'AuthError', error, status}.
+  check('bad error has a payload', error && typeof error === 'object', error);
+
+  // The refused client must not receive events on the channel; the accepted one must.
+  const badChannel = bad.pusher.channel(channelName);
+  let leaked = null;
+  badChannel.bind('secret', (d) => { leaked = d; });
+  const arrival = once(channel, 'secret');
+  step('trigger');
+  await api.trigger(channelName, 'secret', { v: 1 });
+  step('receive');
+  const { data } = await within(5000, 'the private event at good', arrival);
+  observe('good_received', data);
+  await sleep(300);
+  observe('bad_received', leaked);
+  check('refused client got nothing', leaked === null, leaked);
+  observe('bad_state', bad.pusher.connection.state);
+  check('refused client stays connected', bad.pusher.connection.state === 'connected', bad.pusher.connection.state);
+});
