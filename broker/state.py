@@ -74,6 +74,8 @@ class WorkerInfo:
 class SocketInfo:
     worker: bytes
     channels: set[str] = field(default_factory=set)
+    #: presence channel -> the user id this connection joined it as
+    presence: dict[str, str] = field(default_factory=dict)
     user_id: str | None = None
     watchlist: list[str] = field(default_factory=list)
 
@@ -206,6 +208,7 @@ class ClusterState:
         state = self._join(identity, key, msg.socket_id, info)
         if msg.member is not None:
             user_id = str(msg.member[0])
+            info.presence[msg.channel] = user_id
             connections = state.members.get(user_id)
             if connections is None:
                 state.members[user_id] = {msg.socket_id: msg.member[1]}
@@ -269,10 +272,10 @@ class ClusterState:
         else:
             state.per_worker.pop(info.worker, None)
         state.count -= 1
-        for user_id, connections in list(state.members.items()):
-            if socket_id not in connections:
-                continue
-            del connections[socket_id]  # user_info may be None: test membership, not value
+        user_id = info.presence.pop(channel, None)
+        connections = state.members.get(user_id) if user_id is not None else None
+        if connections is not None and user_id is not None:
+            connections.pop(socket_id, None)
             if not connections:
                 del state.members[user_id]
                 out += self._route(app_id, channel, socket_id,
