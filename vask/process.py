@@ -20,3 +20,14 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
     # The parent may have died before prctl took effect.
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signum)
+
+_PR_SET_NAME = 15
+
+
+def set_process_name(name: str) -> None:
+    """Name this process in ``ps``/``top`` and ``/proc/PID/comm`` (at most 15 bytes)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

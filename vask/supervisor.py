@@ -32,6 +32,7 @@ from multiprocessing.process import BaseProcess
 
 from vask.config import Settings
 from vask.logs import setup_logging
+from vask.process import set_process_name
 
 log = logging.getLogger("vask.supervisor")
 
@@ -101,6 +102,7 @@ class Supervisor:
         self.shards = bind_shards(s.host, s.port, s.workers)
         self.port = self.shards[0].getsockname()[1]
         os.set_blocking(self.wake_w, False)
+        os.set_blocking(self.wake_r, False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         signal.set_wakeup_fd(self.wake_w)
@@ -227,6 +229,7 @@ def _terminate(processes: list[BaseProcess], grace: float) -> None:
 
 
 def _child_setup(role: str, settings: Settings) -> None:
+    set_process_name(f"vask-{role}")
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)

@@ -3,7 +3,7 @@
 // the receivers also learn who sent it: metadata.user_id is A's presence user id, which
 // the server stamps (clients cannot choose it).
 import {
-  run, makeClient, connected, subscribe, within, sleep, observe, check, step, tag,
+  run, makeClient, connected, subscribe, waitUntil, same, sleep, observe, check, step, tag,
 } from './lib.mjs';
 
 const RECEIVERS = 3;
@@ -26,10 +26,8 @@ async function whisperRound(kind, channelName, clients) {
   const accepted = channels[0].trigger('client-typing', message);
   check(`${kind}: pusher-js accepted the trigger`, accepted === true, accepted);
   step(`${kind}: receivers get it`);
-  await within(5000, `${kind} client-typing at every receiver`, new Promise((resolve) => {
-    const poll = () => (receivers.every((r) => got.get(r.label).length > 0) ? resolve() : setTimeout(poll, 20));
-    poll();
-  })).catch((err) => check(`${kind}: every receiver got client-typing`, false, String(err.message)));
+  await waitUntil(`${kind} client-typing at every receiver`,
+    () => receivers.every((r) => got.get(r.label).length > 0)).catch((err) => check(`${kind}: every receiver got client-typing`, false, String(err.message)));
   await sleep(300); // time for an (incorrect) echo to the sender to show up
   const report = Object.fromEntries([...got].map(([k, v]) => [k, v]));
   observe(`${kind}_deliveries`, report);
@@ -37,7 +35,7 @@ async function whisperRound(kind, channelName, clients) {
     const list = got.get(r.label);
     check(`${kind}: ${r.label} got exactly one`, list.length === 1, list);
     if (list.length > 0) {
-      check(`${kind}: ${r.label} data intact`, JSON.stringify(list[0].data) === JSON.stringify(message), list[0].data);
+      check(`${kind}: ${r.label} data intact`, same(list[0].data, message), list[0].data);
     }
   }
   check(`${kind}: sender got no echo`, got.get(sender.label).length === 0, got.get(sender.label));

@@ -8,6 +8,7 @@
 
 import PusherClient from 'pusher-js';
 import PusherServer from 'pusher';
+import { isDeepStrictEqual } from 'node:util';
 
 function argValue(name) {
   const i = process.argv.indexOf(`--${name}`);
@@ -147,6 +148,17 @@ export function settlesWithin(ms, promise) {
       resolve(true);
     });
   });
+}
+
+/** Structural equality: key order inside JSON objects is not part of any contract. */
+export const same = (a, b) => isDeepStrictEqual(a, b);
+
+/** Poll until predicate() holds; reject naming `what` after ms. */
+export function waitUntil(what, predicate, ms = 5000) {
+  return within(ms, what, new Promise((resolve) => {
+    const poll = () => (predicate() ? resolve() : setTimeout(poll, 20));
+    poll();
+  }));
 }
 
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));

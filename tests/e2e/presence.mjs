@@ -4,17 +4,10 @@
 // With several workers and SO_REUSEPORT spreading connections, six clients make it all
 // but certain that some pairs sit on different workers, and we check every pair.
 import {
-  run, makeClient, connected, subscribe, within, sleep, observe, check, step, tag,
+  run, makeClient, connected, subscribe, waitUntil, same, sleep, observe, check, step, tag,
 } from './lib.mjs';
 
 const COUNT = Number(process.env.E2E_PRESENCE_CLIENTS ?? 6);
-
-function waitUntil(what, predicate, ms = 5000) {
-  return within(ms, what, new Promise((resolve) => {
-    const poll = () => (predicate() ? resolve() : setTimeout(poll, 20));
-    poll();
-  }));
-}
 
 run(async () => {
   const channelName = `presence-room-${tag}`;
@@ -57,12 +50,12 @@ run(async () => {
     const gotAdded = m.added.map((a) => a.id);
     pairs.push({ client: m.label, added: gotAdded });
     check(`C${i} member_added exactly the later joiners`,
-      JSON.stringify(gotAdded) === JSON.stringify(expectedAdded), { got: gotAdded, expected: expectedAdded });
+      same(gotAdded, expectedAdded), { got: gotAdded, expected: expectedAdded });
     for (const a of m.added) {
       const joiner = members.find((e) => e.user.user_id === a.id);
       if (joiner) {
         check(`C${i} got user_info of ${a.id}`,
-          JSON.stringify(a.info) === JSON.stringify(joiner.user.user_info), a.info);
+          same(a.info, joiner.user.user_info), a.info);
       }
     }
     check(`C${i} never saw itself added`, !gotAdded.includes(m.user.user_id), gotAdded);
@@ -71,7 +64,7 @@ run(async () => {
     const other = members[(i + 1) % COUNT];
     const seen = m.channel.members.get(other.user.user_id);
     check(`C${i} roster has ${other.user.user_id} with info`,
-      seen && JSON.stringify(seen.info) === JSON.stringify(other.user.user_info), seen);
+      seen && same(seen.info, other.user.user_info), seen);
   }
   observe('member_added_per_client', pairs);
   observe('counts_after_join', members.map((m) => m.channel.members.count));
@@ -112,7 +105,7 @@ run(async () => {
   observe('removed_at_C0', members[0].removed);
   const expectedRemoved = members.slice(1).map((e) => e.user.user_id).reverse();
   check('C0 saw every departure once, in order',
-    JSON.stringify(members[0].removed) === JSON.stringify(expectedRemoved),
+    same(members[0].removed, expectedRemoved),
     { got: members[0].removed, expected: expectedRemoved });
   observe('final_count_at_C0', members[0].channel.members.count);
 });

@@ -1,6 +1,8 @@
 // Scenario 2: a public channel subscription, then an event triggered through the HTTP
 // API with the Node SDK arrives at the pusher-js client with its data intact.
-import { run, makeClient, connected, subscribe, once, within, api, observe, check, step, tag } from './lib.mjs';
+import {
+  run, makeClient, connected, subscribe, once, within, same, api, observe, check, step, tag,
+} from './lib.mjs';
 
 run(async () => {
   const channelName = `news-${tag}`;
@@ -22,5 +24,5 @@ run(async () => {
   step('receive');
   const { data } = await within(5000, 'the triggered event at A', arrival);
   observe('received', data);
-  check('received data equals sent data', JSON.stringify(data) === JSON.stringify(payload), data);
+  check('received data equals sent data', same(data, payload), data);
 });

@@ -4,15 +4,8 @@
 // exactly that user's connections (close code 4200 per Vask's scope), pusher-js
 // reconnects by itself and signs in again, and the other user is left alone.
 import {
-  run, makeClient, connected, within, sleep, api, observe, check, step,
+  run, makeClient, connected, waitUntil, same, sleep, api, observe, check, step,
 } from './lib.mjs';
-
-function waitUntil(what, predicate, ms = 5000) {
-  return within(ms, what, new Promise((resolve) => {
-    const poll = () => (predicate() ? resolve() : setTimeout(poll, 20));
-    poll();
-  }));
-}
 
 // Signed in and the #server-to-user channel confirmed: the point where pusher-js
 // starts passing user events to pusher.user callbacks.
@@ -56,7 +49,7 @@ run(async () => {
   observe('orders', Object.fromEntries(clients.map((c) => [c.label, [...c.orders]])));
   for (const c of [ada1, ada2]) {
     check(`${c.label} got the order once`, c.orders.length === 1, c.orders);
-    check(`${c.label} order data intact`, JSON.stringify(c.orders[0]) === JSON.stringify(order), c.orders[0]);
+    check(`${c.label} order data intact`, same(c.orders[0], order), c.orders[0]);
   }
   check('bob got no order', bobClient.orders.length === 0, bobClient.orders);
 

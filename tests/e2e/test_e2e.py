@@ -1,0 +1,205 @@
+"""End-to-end: clients nobody here wrote (pusher-js 8 and the Node server SDK ``pusher`` 5,
+pinned in tests/e2e/package-lock.json) against a real ``vask run``.
+
+Each scenario is one Node script in this folder. It prints a single JSON line::
+
+    {"scenario": ..., "ok": bool, "step": ..., "failures": [...], "observed": {...}}
+
+and exits non-zero when one of its own checks failed. The tests below assert on the
+``observed`` facts directly (so a failure names the protocol fact that was wrong) and then
+on ``ok``/the exit status (which covers the finer checks the script made itself).
+
+Setup, as CI does it::
+
+    npm ci --prefix tests/e2e
+    pytest tests/e2e
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import APP_ID, APP_KEY, APP_SECRET, Server, run_vask
+
+HERE = Path(__file__).resolve().parent
+NODE = shutil.which("node")
+MODULES = HERE / "node_modules"
+
+# Only a missing toolchain is a reason to skip; CI installs both, so there these run.
+pytestmark = [
+    pytest.mark.skipif(NODE is None, reason="node is not installed (needed for pusher-js e2e)"),
+    pytest.mark.skipif(
+        not ((MODULES / "pusher-js").is_dir() and (MODULES / "pusher").is_dir()),
+        reason="tests/e2e/node_modules missing: run `npm ci --prefix tests/e2e`",
+    ),
+    pytest.mark.timeout(60),
+]
+
+# A script's own hard limit; the subprocess timeout sits a little above it so the script
+# normally reports its stuck step itself before we have to kill it.
+SCRIPT_BUDGET_MS = 15_000
+SUBPROCESS_TIMEOUT = SCRIPT_BUDGET_MS / 1000 + 5
+
+
+def scenario(server: Server, script: str) -> dict[str, Any]:
+    """Run one Node scenario against ``server`` and return its parsed result line."""
+    args = [NODE or "node", str(HERE / script), "--port", str(server.port), "--key", APP_KEY,
+            "--secret", APP_SECRET, "--app-id", APP_ID, "--timeout-ms", str(SCRIPT_BUDGET_MS)]
+    try:
+        done = subprocess.run(args, cwd=HERE, capture_output=True, text=True,
+                              timeout=SUBPROCESS_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{script} did not exit within {SUBPROCESS_TIMEOUT}s\n"
+                    f"stdout: {exc.stdout!r}\nstderr: {exc.stderr!r}\n"
+                    f"--- vask log (tail) ---\n{server.log()[-4000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    try:
+        result: dict[str, Any] = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        pytest.fail(f"{script} printed no result line (exit {done.returncode})\n"
+                    f"stdout: {done.stdout}\nstderr: {done.stderr}\n"
+                    f"--- vask log (tail) ---\n{server.log()[-4000:]}")
+    result["returncode"] = done.returncode
+    result["stderr"] = done.stderr
+    return result
+
+
+def explain(result: dict[str, Any]) -> str:
+    """Everything a failing run knows: failed checks, error, observed facts, frames."""
+    return json.dumps({k: result.get(k) for k in
+                       ("scenario", "step", "error", "failures", "observed", "clients", "stderr")},
+                      indent=1, ensure_ascii=False)[:20_000]
+
+
+def assert_clean(result: dict[str, Any]) -> None:
+    """The script's own checks all held and it exited 0 by itself."""
+    assert result["ok"] and result["returncode"] == 0, explain(result)
+
+
+def test_connects_with_socket_id() -> None:
+    with run_vask(workers=2) as server:
+        result = scenario(server, "connect.mjs")
+    seen = result["observed"]
+    assert seen.get("state") == "connected", explain(result)
+    assert re.fullmatch(r"\d+\.\d+", seen.get("socket_id") or ""), explain(result)
+    assert_clean(result)
+
+
+def test_public_channel_receives_sdk_trigger() -> None:
+    with run_vask(workers=2) as server:
+        result = scenario(server, "public.mjs")
+    seen = result["observed"]
+    assert seen.get("subscribed") is True, explain(result)
+    assert seen.get("trigger_status") == 200 and seen.get("trigger_body") == {}, explain(result)
+    assert seen.get("received") == {"headline": "Grüße ✓", "n": 42,
+                                    "nested": {"list": [1, "two", None]}}, explain(result)
+    assert_clean(result)
+
+
+def test_private_channel_auth_and_bad_signature() -> None:
+    with run_vask(workers=2) as server:
+        result = scenario(server, "private.mjs")
+    seen = result["observed"]
+    assert seen.get("good_subscribed") is True, explain(result)
+    assert seen.get("good_received") == {"v": 1}, explain(result)
+    error = seen.get("bad_error")
+    # pusher-js turns the server's pusher:subscription_error into this object.
+    assert isinstance(error, dict) and error.get("status") == 401, explain(result)
+    assert seen.get("bad_received") is None, explain(result)
+    assert seen.get("bad_state") == "connected", explain(result)
+    assert_clean(result)
+
+
+def test_presence_members_across_workers() -> None:
+    # Three workers and six clients: some pairs are on different workers, and every
+    # pair's member_added / member_removed is checked by the script.
+    with run_vask(workers=3) as server:
+        result = scenario(server, "presence.mjs")
+    seen = result["observed"]
+    added = {row["client"]: row["added"] for row in seen.get("member_added_per_client", [])}
+    users = [f"user-{i}" for i in range(6)]
+    assert added == {f"C{i}": users[i + 1:] for i in range(6)}, explain(result)
+    assert seen.get("counts_after_join") == [6] * 6, explain(result)
+    assert seen.get("second_tab_roster_count") == 6, explain(result)
+    assert seen.get("removed_at_C0") == list(reversed(users[1:])), explain(result)
+    assert seen.get("final_count_at_C0") == 1, explain(result)
+    assert_clean(result)
+
+
+def test_client_events_private_and_presence() -> None:
+    with run_vask(workers=3) as server:
+        result = scenario(server, "client_events.mjs")
+    seen = result["observed"]
+    message = {"typing": True, "text": "hello from A", "user_id": "forged"}
+    for kind, sender_id in (("private", None), ("presence", "uid-A")):
+        deliveries = seen.get(f"{kind}_deliveries") or {}
+        assert deliveries.get("A") == [], f"{kind}: sender got its own event\n{explain(result)}"
+        for receiver in ("B1", "B2", "B3"):
+            assert deliveries.get(receiver) == [{"data": message, "user_id": sender_id}], (
+                f"{kind}: {receiver}\n{explain(result)}")
+    assert_clean(result)
+
+
+def test_signin_send_to_user_and_terminate() -> None:
+    with run_vask(workers=3) as server:
+        result = scenario(server, "signin.mjs")
+    seen = result["observed"]
+    assert seen.get("send_status") == 200, explain(result)
+    order = {"order_id": 1001, "items": ["tea", "scones"]}
+    assert seen.get("orders") == {"ada-1": [order], "ada-2": [order], "bob": []}, explain(result)
+    assert seen.get("terminate_status") == 200, explain(result)
+    # Each of ada's connections left `connected` and was closed with Vask's 4200.
+    for states in seen.get("ada_states_after_terminate") or [[], []]:
+        assert any(s != "connected" for s in states), explain(result)
+    assert seen.get("ada_close_codes") == [[4200], [4200]], explain(result)
+    assert seen.get("bob_states") == ["connected"], explain(result)
+    assert_clean(result)
+
+
+def test_http_api_through_node_sdk() -> None:
+    with run_vask(workers=3) as server:
+        result = scenario(server, "http_api.mjs")
+    seen = result["observed"]
+    assert seen.get("listener_events") == {"L0": ["for-all"], "L1": ["not-for-l0", "for-all"],
+                                           "L2": ["not-for-l0", "for-all"]}, explain(result)
+    assert seen.get("trigger_batch") == {"status": 200, "body": {}}, explain(result)
+    channels = seen.get("get_channels", {}).get("body", {}).get("channels", {})
+    assert len(channels) == 2 and all(v == {} for v in channels.values()), explain(result)
+    room = next((name for name in channels if name.startswith("presence-")), None)
+    assert room is not None, explain(result)
+    assert seen.get("get_channels_presence") == {
+        "status": 200, "body": {"channels": {room: {"user_count": 3}}}}, explain(result)
+    presence = seen.get("get_presence_channel", {})
+    assert presence.get("status") == 200, explain(result)
+    assert presence.get("body", {}).get("occupied") is True, explain(result)
+    assert presence.get("body", {}).get("user_count") == 3, explain(result)
+    users = seen.get("get_presence_users", {}).get("body", {}).get("users")
+    assert sorted(users or [], key=lambda u: u["id"]) == [{"id": "u1"}, {"id": "u2"},
+                                                          {"id": "u3"}], explain(result)
+    after = seen.get("get_presence_users_after_leave", {}).get("body", {}).get("users")
+    assert sorted(u["id"] for u in after or []) == ["u1", "u3"], explain(result)
+    assert_clean(result)
+
+
+def test_cache_channel_replay_and_miss() -> None:
+    with run_vask(workers=3) as server:
+        result = scenario(server, "cache.mjs")
+    seen = result["observed"]
+    # Exactly: the confirmation, then the last cached event (not the earlier one).
+    primed = seen.get("primed_sequences") or {}
+    assert len(primed) == 3, explain(result)
+    for seq in primed.values():
+        assert [e["event"] for e in seq] == ["pusher:subscription_succeeded", "score"], (
+            explain(result))
+        assert seq[1]["data"] == {"home": 3, "away": 1}, explain(result)
+    empty = seen.get("empty_sequences") or {}
+    assert len(empty) == 3 and all(seq == ["pusher:subscription_succeeded", "pusher:cache_miss"]
+                         for seq in empty.values()), explain(result)
+    assert_clean(result)

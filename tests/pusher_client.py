@@ -1,0 +1,122 @@
+"""A small Pusher protocol client for integration tests (websockets' asyncio client).
+
+It records every frame and lets a test wait for a frame matching a predicate, with a
+hard timeout, so no test can hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from vask.signing import channel_string, sign, user_string
+
+Frame = dict[str, Any]
+
+
+class PusherClient:
+    """One connection; ``frames`` holds everything received, in order."""
+
+    def __init__(self, ws: ClientConnection, key: str, secret: str) -> None:
+        self.ws = ws
+        self.key = key
+        self.secret = secret
+        self.frames: list[Frame] = []
+        self.socket_id = ""
+        self.closed: asyncio.Future[tuple[int | None, str | None]] = \
+            asyncio.get_running_loop().create_future()
+        self._new = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def connect(cls, url: str, key: str = "app-key", secret: str = "app-secret",
+                      established: bool = True) -> PusherClient:
+        ws = await asyncio.wait_for(websockets.connect(url, open_timeout=10), 10)
+        client = cls(ws, key, secret)
+        if established:
+            frame = await client.wait_for("pusher:connection_established")
+            client.socket_id = json.loads(frame["data"])["socket_id"]
+        return client
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                self.frames.append(json.loads(message))
+                self._new.set()
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            rcvd = self.ws.protocol.close_rcvd
+            if not self.closed.done():
+                self.closed.set_result((rcvd.code, rcvd.reason) if rcvd else (None, None))
+            self._new.set()
+
+    async def send(self, message: Frame | str | bytes) -> None:
+        await self.ws.send(message if isinstance(message, str | bytes) else json.dumps(message))
+
+    async def wait(self, match: Callable[[Frame], bool], timeout: float = 10.0,
+                   start: int = 0) -> Frame:
+        """The first frame (from index ``start``) for which ``match`` is true."""
+        async def scan() -> Frame:
+            seen = start
+            while True:
+                for frame in self.frames[seen:]:
+                    if match(frame):
+                        return frame
+                seen = len(self.frames)
+                if self.closed.done():
+                    raise AssertionError(f"closed {self.closed.result()} before match; "
+                                         f"got {self.frames}")
+                self._new.clear()
+                await self._new.wait()
+        return await asyncio.wait_for(scan(), timeout)
+
+    async def wait_for(self, event: str, channel: str | None = None,
+                       timeout: float = 10.0) -> Frame:
+        return await self.wait(
+            lambda f: f.get("event") == event and (channel is None or f.get("channel") == channel),
+            timeout)
+
+    def events(self, event: str, channel: str | None = None) -> list[Frame]:
+        return [f for f in self.frames
+                if f.get("event") == event and (channel is None or f.get("channel") == channel)]
+
+    async def subscribe(self, channel: str, channel_data: str | None = None,
+                        expect: str = "pusher_internal:subscription_succeeded") -> Frame:
+        data: dict[str, Any] = {"channel": channel, "auth": ""}
+        if channel.startswith(("private-", "presence-")):
+            signed = channel_string(self.socket_id, channel,
+                                    channel_data if channel.startswith("presence-") else None)
+            data["auth"] = f"{self.key}:{sign(self.secret, signed)}"
+        if channel_data is not None:
+            data["channel_data"] = channel_data
+        await self.send({"event": "pusher:subscribe", "data": data})
+        return await self.wait(lambda f: f.get("channel") == channel and f.get("event") in
+                               (expect, "pusher:subscription_error"))
+
+    async def signin(self, user_data: dict[str, Any]) -> Frame:
+        text = json.dumps(user_data)
+        auth = f"{self.key}:{sign(self.secret, user_string(self.socket_id, text))}"
+        await self.send({"event": "pusher:signin", "data": {"auth": auth, "user_data": text}})
+        return await self.wait(lambda f: f.get("event") in ("pusher:signin_success",
+                                                            "pusher:error"))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 5)
+        self._reader.cancel()
+
+
+async def connect_many(url: str, count: int, **kwargs: Any) -> list[PusherClient]:
+    return list(await asyncio.gather(*(PusherClient.connect(url, **kwargs)
+                                       for _ in range(count))))
+
+
+async def close_all(clients: list[PusherClient]) -> None:
+    await asyncio.gather(*(c.close() for c in clients))
