@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from vask import __version__
+from vask.bench.cli import bench
 from vask.config import ConfigError, Settings, load_settings, warnings_for
 from vask.logs import setup_logging
 
@@ -99,15 +100,7 @@ def broker_command(endpoint: str, config: str | None, log_level: str | None) -> 
     serve(settings, endpoint)
 
 
-def _add_bench() -> None:
-    try:
-        from vask.bench.cli import bench
-    except ImportError:  # the harness is optional at import time (its own issue)
-        return
-    main.add_command(bench)
-
-
-_add_bench()
+main.add_command(bench)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 import httptools
 import orjson
@@ -74,6 +73,8 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "app_id",
         "body",
+        "body_size",
+        "body_too_large",
         "closing_since",
         "fragments",
         "headers",
@@ -115,6 +116,8 @@ class Connection(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
+        self.body_size = 0
+        self.body_too_large = False
         self.keep_alive = True
 
     # --- asyncio.Protocol -------------------------------------------------------------
@@ -144,7 +147,11 @@ class Connection(asyncio.Protocol):
             offset = upgrade.args[0] if upgrade.args else len(data)
             self._upgrade(data[offset:])
         except httptools.HttpParserError as exc:
-            self._http_fail(400, f"Malformed HTTP request: {exc}")
+            if self.body_too_large:
+                limit = self.worker.settings.max_http_body_bytes
+                self._http_fail(413, f"Request body larger than {limit} bytes")
+            else:
+                self._http_fail(400, f"Malformed HTTP request: {exc}")
 
     def eof_received(self) -> bool | None:
         if self.ws is not None:
@@ -158,6 +165,7 @@ class Connection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.body = []
+        self.body_size = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -171,8 +179,10 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
-        if sum(len(b) for b in self.body) > self.worker.settings.max_http_body_bytes:
-            raise _BodyTooLarge
+        self.body_size += len(body)
+        if self.body_size > self.worker.settings.max_http_body_bytes:
+            self.body_too_large = True
+            raise httptools.HttpParserError("body too large")
 
     def on_message_complete(self) -> None:
         parser = self.parser
@@ -381,10 +391,6 @@ class Connection(asyncio.Protocol):
                 self.abort()
         elif phase == OPENING and now - self.opened_at > worker.settings.broker_timeout + 5:
             self.close(4200, "Could not open the connection in time; reconnect")
-
-
-class _BodyTooLarge(httptools.HttpParserError):
-    pass
 
 
 _BINARY_MARK = b"\x00binary"

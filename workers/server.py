@@ -48,6 +48,7 @@ log = logging.getLogger("vask.worker")
 
 SWEEP_INTERVAL = 1.0
 STARTUP_FAILURE = 3  # exit status: the supervisor must not restart us
+STARTUP_BROKER_WAIT = 6  # times broker_timeout to wait for the first welcome
 
 
 class Worker:
@@ -311,10 +312,12 @@ class Worker:
     async def serve(self, sock: socket.socket, parent_pid: int) -> None:
         self.link.start()
         self.sweep()
+        patience = STARTUP_BROKER_WAIT * self.settings.broker_timeout
         try:
-            await asyncio.wait_for(self.welcomed.wait(), timeout=30)
+            await asyncio.wait_for(self.welcomed.wait(), timeout=patience)
         except TimeoutError:
-            log.error("worker %d: no broker at %s after 30s", self.slot, self.link.endpoint)
+            log.error("worker %d: no broker answered at %s within %.0fs",
+                      self.slot, self.link.endpoint, patience)
             raise SystemExit(STARTUP_FAILURE) from None
         self.server = await self.loop.create_server(
             lambda: Connection(self), sock=sock, backlog=4096)

@@ -257,3 +257,22 @@ def test_version() -> None:
     result = subprocess.run([sys.executable, "-m", "vask.cli", "--version"],
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0 and "vask" in result.stdout
+
+
+def test_startup_failure_stops_the_supervisor_with_the_cause() -> None:
+    from tests.servers import free_port
+
+    config = "[server]\nbroker_timeout = 0.5\n"
+    path = f"/tmp/vask-startup-{os.getpid()}.toml"
+    with open(path, "w") as f:
+        f.write(config)
+    dead_broker = f"tcp://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "vask.cli", "run", "--host", "127.0.0.1",
+         "--port", str(free_port()), "--workers", "2", "--config", path,
+         "--broker", dead_broker],
+        capture_output=True, text=True, timeout=60, check=False)
+    os.unlink(path)
+    assert result.returncode == 1
+    assert f"no broker answered at {dead_broker}" in result.stderr
+    assert "failed to start" in result.stderr
