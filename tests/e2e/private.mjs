@@ -22,6 +22,11 @@ run(async () => {
   observe('bad_error', error);
   // pusher-js reports server refusals as {type:'AuthError', error, status}.
   check('bad error has a payload', error && typeof error === 'object', error);
+  // pusher-js reports client-side auth failures the same way, so make sure this one
+  // really came from the server as a frame.
+  const frame = bad.frames.find((f) => f.event === 'pusher:subscription_error');
+  observe('bad_error_frame', frame ?? null);
+  check('server sent pusher:subscription_error for the channel', frame && frame.channel === channelName, bad.frames);
 
   // The refused client must not receive events on the channel; the accepted one must.
   const badChannel = bad.pusher.channel(channelName);

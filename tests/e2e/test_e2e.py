@@ -50,22 +50,39 @@ SUBPROCESS_TIMEOUT = SCRIPT_BUDGET_MS / 1000 + 5
 
 def scenario(server: Server, script: str) -> dict[str, Any]:
     """Run one Node scenario against ``server`` and return its parsed result line."""
-    args = [NODE or "node", str(HERE / script), "--port", str(server.port), "--key", APP_KEY,
-            "--secret", APP_SECRET, "--app-id", APP_ID, "--timeout-ms", str(SCRIPT_BUDGET_MS)]
+    args = [
+        NODE or "node",
+        str(HERE / script),
+        "--port",
+        str(server.port),
+        "--key",
+        APP_KEY,
+        "--secret",
+        APP_SECRET,
+        "--app-id",
+        APP_ID,
+        "--timeout-ms",
+        str(SCRIPT_BUDGET_MS),
+    ]
     try:
-        done = subprocess.run(args, cwd=HERE, capture_output=True, text=True,
-                              timeout=SUBPROCESS_TIMEOUT, check=False)
+        done = subprocess.run(
+            args, cwd=HERE, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False
+        )
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{script} did not exit within {SUBPROCESS_TIMEOUT}s\n"
-                    f"stdout: {exc.stdout!r}\nstderr: {exc.stderr!r}\n"
-                    f"--- vask log (tail) ---\n{server.log()[-4000:]}")
+        pytest.fail(
+            f"{script} did not exit within {SUBPROCESS_TIMEOUT}s\n"
+            f"stdout: {exc.stdout!r}\nstderr: {exc.stderr!r}\n"
+            f"--- vask log (tail) ---\n{server.log()[-4000:]}"
+        )
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     try:
         result: dict[str, Any] = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
-        pytest.fail(f"{script} printed no result line (exit {done.returncode})\n"
-                    f"stdout: {done.stdout}\nstderr: {done.stderr}\n"
-                    f"--- vask log (tail) ---\n{server.log()[-4000:]}")
+        pytest.fail(
+            f"{script} printed no result line (exit {done.returncode})\n"
+            f"stdout: {done.stdout}\nstderr: {done.stderr}\n"
+            f"--- vask log (tail) ---\n{server.log()[-4000:]}"
+        )
     result["returncode"] = done.returncode
     result["stderr"] = done.stderr
     return result
@@ -73,9 +90,14 @@ def scenario(server: Server, script: str) -> dict[str, Any]:
 
 def explain(result: dict[str, Any]) -> str:
     """Everything a failing run knows: failed checks, error, observed facts, frames."""
-    return json.dumps({k: result.get(k) for k in
-                       ("scenario", "step", "error", "failures", "observed", "clients", "stderr")},
-                      indent=1, ensure_ascii=False)[:20_000]
+    return json.dumps(
+        {
+            k: result.get(k)
+            for k in ("scenario", "step", "error", "failures", "observed", "clients", "stderr")
+        },
+        indent=1,
+        ensure_ascii=False,
+    )[:20_000]
 
 
 def assert_clean(result: dict[str, Any]) -> None:
@@ -98,8 +120,11 @@ def test_public_channel_receives_sdk_trigger() -> None:
     seen = result["observed"]
     assert seen.get("subscribed") is True, explain(result)
     assert seen.get("trigger_status") == 200 and seen.get("trigger_body") == {}, explain(result)
-    assert seen.get("received") == {"headline": "Grüße ✓", "n": 42,
-                                    "nested": {"list": [1, "two", None]}}, explain(result)
+    assert seen.get("received") == {
+        "headline": "Grüße ✓",
+        "n": 42,
+        "nested": {"list": [1, "two", None]},
+    }, explain(result)
     assert_clean(result)
 
 
@@ -112,6 +137,9 @@ def test_private_channel_auth_and_bad_signature() -> None:
     error = seen.get("bad_error")
     # pusher-js turns the server's pusher:subscription_error into this object.
     assert isinstance(error, dict) and error.get("status") == 401, explain(result)
+    frame = seen.get("bad_error_frame") or {}
+    assert frame.get("event") == "pusher:subscription_error", explain(result)
+    assert str(frame.get("channel")).startswith("private-orders-"), explain(result)
     assert seen.get("bad_received") is None, explain(result)
     assert seen.get("bad_state") == "connected", explain(result)
     assert_clean(result)
@@ -125,7 +153,7 @@ def test_presence_members_across_workers() -> None:
     seen = result["observed"]
     added = {row["client"]: row["added"] for row in seen.get("member_added_per_client", [])}
     users = [f"user-{i}" for i in range(6)]
-    assert added == {f"C{i}": users[i + 1:] for i in range(6)}, explain(result)
+    assert added == {f"C{i}": users[i + 1 :] for i in range(6)}, explain(result)
     assert seen.get("counts_after_join") == [6] * 6, explain(result)
     assert seen.get("second_tab_roster_count") == 6, explain(result)
     assert seen.get("removed_at_C0") == list(reversed(users[1:])), explain(result)
@@ -143,7 +171,8 @@ def test_client_events_private_and_presence() -> None:
         assert deliveries.get("A") == [], f"{kind}: sender got its own event\n{explain(result)}"
         for receiver in ("B1", "B2", "B3"):
             assert deliveries.get(receiver) == [{"data": message, "user_id": sender_id}], (
-                f"{kind}: {receiver}\n{explain(result)}")
+                f"{kind}: {receiver}\n{explain(result)}"
+            )
     assert_clean(result)
 
 
@@ -167,22 +196,30 @@ def test_http_api_through_node_sdk() -> None:
     with run_vask(workers=3) as server:
         result = scenario(server, "http_api.mjs")
     seen = result["observed"]
-    assert seen.get("listener_events") == {"L0": ["for-all"], "L1": ["not-for-l0", "for-all"],
-                                           "L2": ["not-for-l0", "for-all"]}, explain(result)
+    assert seen.get("listener_events") == {
+        "L0": ["for-all"],
+        "L1": ["not-for-l0", "for-all"],
+        "L2": ["not-for-l0", "for-all"],
+    }, explain(result)
     assert seen.get("trigger_batch") == {"status": 200, "body": {}}, explain(result)
     channels = seen.get("get_channels", {}).get("body", {}).get("channels", {})
     assert len(channels) == 2 and all(v == {} for v in channels.values()), explain(result)
     room = next((name for name in channels if name.startswith("presence-")), None)
     assert room is not None, explain(result)
     assert seen.get("get_channels_presence") == {
-        "status": 200, "body": {"channels": {room: {"user_count": 3}}}}, explain(result)
+        "status": 200,
+        "body": {"channels": {room: {"user_count": 3}}},
+    }, explain(result)
     presence = seen.get("get_presence_channel", {})
     assert presence.get("status") == 200, explain(result)
     assert presence.get("body", {}).get("occupied") is True, explain(result)
     assert presence.get("body", {}).get("user_count") == 3, explain(result)
     users = seen.get("get_presence_users", {}).get("body", {}).get("users")
-    assert sorted(users or [], key=lambda u: u["id"]) == [{"id": "u1"}, {"id": "u2"},
-                                                          {"id": "u3"}], explain(result)
+    assert sorted(users or [], key=lambda u: u["id"]) == [
+        {"id": "u1"},
+        {"id": "u2"},
+        {"id": "u3"},
+    ], explain(result)
     after = seen.get("get_presence_users_after_leave", {}).get("body", {}).get("users")
     assert sorted(u["id"] for u in after or []) == ["u1", "u3"], explain(result)
     assert_clean(result)
@@ -196,10 +233,12 @@ def test_cache_channel_replay_and_miss() -> None:
     primed = seen.get("primed_sequences") or {}
     assert len(primed) == 3, explain(result)
     for seq in primed.values():
-        assert [e["event"] for e in seq] == ["pusher:subscription_succeeded", "score"], (
-            explain(result))
+        assert [e["event"] for e in seq] == ["pusher:subscription_succeeded", "score"], explain(
+            result
+        )
         assert seq[1]["data"] == {"home": 3, "away": 1}, explain(result)
     empty = seen.get("empty_sequences") or {}
-    assert len(empty) == 3 and all(seq == ["pusher:subscription_succeeded", "pusher:cache_miss"]
-                         for seq in empty.values()), explain(result)
+    assert len(empty) == 3 and all(
+        seq == ["pusher:subscription_succeeded", "pusher:cache_miss"] for seq in empty.values()
+    ), explain(result)
     assert_clean(result)
