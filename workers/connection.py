@@ -242,18 +242,30 @@ class Connection(asyncio.Protocol):
         for name, value in self.headers:
             headers[name.decode("latin-1")] = value.decode("latin-1")
         path = self.url.decode("latin-1")
-        ws = ServerProtocol(max_size=self.worker.settings.max_message_bytes)
-        self.ws = ws
-        # httptools already parsed the head; hand websockets the same request through its
-        # public API (serialize + receive_data) so its parser moves on to frames.
-        ws.receive_data(Request(path, headers).serialize())
-        request = ws.events_received()[0]
+        self.url = b""
+        self.headers = _NO_HEADERS
+        self.body = _NO_HEADERS  # type: ignore[assignment]
+        max_size = self.worker.settings.max_message_bytes
+        # The handshake runs on a throwaway ServerProtocol: httptools already parsed the
+        # head, so the request goes in through websockets' public API (serialize +
+        # receive_data) and accept() validates it. The connection then keeps a second
+        # ServerProtocol created directly in the OPEN state, whose parser starts at
+        # frames and so does not hold on to the request for the connection's lifetime
+        # (about 2 KB per idle connection). No extension is negotiated, so both agree.
+        handshake = ServerProtocol(max_size=max_size)
+        handshake.receive_data(Request(path, headers).serialize())
+        request = handshake.events_received()[0]
         assert isinstance(request, Request)
-        response = ws.accept(request)
-        ws.send_response(response)
-        self._flush_ws()
+        response = handshake.accept(request)
+        handshake.send_response(response)
+        for data in handshake.data_to_send():
+            if data:
+                self.write_now(data)
         if response.status_code != 101:
+            if self.transport is not None:
+                self.transport.close()
             return
+        self.ws = ServerProtocol(max_size=max_size, state=State.OPEN)
         self.phase = OPENING
         self.worker.websocket_opened(self, path)
         if rest:
@@ -394,4 +406,9 @@ class Connection(asyncio.Protocol):
 
 
 _BINARY_MARK = b"\x00binary"
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
+_HANDSHAKE_HEADERS = frozenset({
+    b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version",
+    b"sec-websocket-extensions", b"sec-websocket-protocol",
+})
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
