@@ -108,41 +108,41 @@ def assert_clean(result: dict[str, Any]) -> None:
 def test_connects_with_socket_id() -> None:
     with run_vask(workers=2) as server:
         result = scenario(server, "connect.mjs")
-    seen = result["observed"]
-    assert seen.get("state") == "connected", explain(result)
-    assert re.fullmatch(r"\d+\.\d+", seen.get("socket_id") or ""), explain(result)
-    assert_clean(result)
+        seen = result["observed"]
+        assert seen.get("state") == "connected", explain(result)
+        assert re.fullmatch(r"\d+\.\d+", seen.get("socket_id") or ""), explain(result)
+        assert_clean(result)
 
 
 def test_public_channel_receives_sdk_trigger() -> None:
     with run_vask(workers=2) as server:
         result = scenario(server, "public.mjs")
-    seen = result["observed"]
-    assert seen.get("subscribed") is True, explain(result)
-    assert seen.get("trigger_status") == 200 and seen.get("trigger_body") == {}, explain(result)
-    assert seen.get("received") == {
-        "headline": "Grüße ✓",
-        "n": 42,
-        "nested": {"list": [1, "two", None]},
-    }, explain(result)
-    assert_clean(result)
+        seen = result["observed"]
+        assert seen.get("subscribed") is True, explain(result)
+        assert seen.get("trigger_status") == 200 and seen.get("trigger_body") == {}, explain(result)
+        assert seen.get("received") == {
+            "headline": "Grüße ✓",
+            "n": 42,
+            "nested": {"list": [1, "two", None]},
+        }, explain(result)
+        assert_clean(result)
 
 
 def test_private_channel_auth_and_bad_signature() -> None:
     with run_vask(workers=2) as server:
         result = scenario(server, "private.mjs")
-    seen = result["observed"]
-    assert seen.get("good_subscribed") is True, explain(result)
-    assert seen.get("good_received") == {"v": 1}, explain(result)
-    error = seen.get("bad_error")
-    # pusher-js turns the server's pusher:subscription_error into this object.
-    assert isinstance(error, dict) and error.get("status") == 401, explain(result)
-    frame = seen.get("bad_error_frame") or {}
-    assert frame.get("event") == "pusher:subscription_error", explain(result)
-    assert str(frame.get("channel")).startswith("private-orders-"), explain(result)
-    assert seen.get("bad_received") is None, explain(result)
-    assert seen.get("bad_state") == "connected", explain(result)
-    assert_clean(result)
+        seen = result["observed"]
+        assert seen.get("good_subscribed") is True, explain(result)
+        assert seen.get("good_received") == {"v": 1}, explain(result)
+        error = seen.get("bad_error")
+        # pusher-js turns the server's pusher:subscription_error into this object.
+        assert isinstance(error, dict) and error.get("status") == 401, explain(result)
+        frame = seen.get("bad_error_frame") or {}
+        assert frame.get("event") == "pusher:subscription_error", explain(result)
+        assert str(frame.get("channel")).startswith("private-orders-"), explain(result)
+        assert seen.get("bad_received") is None, explain(result)
+        assert seen.get("bad_state") == "connected", explain(result)
+        assert_clean(result)
 
 
 def test_presence_members_across_workers() -> None:
@@ -150,95 +150,97 @@ def test_presence_members_across_workers() -> None:
     # pair's member_added / member_removed is checked by the script.
     with run_vask(workers=3) as server:
         result = scenario(server, "presence.mjs")
-    seen = result["observed"]
-    added = {row["client"]: row["added"] for row in seen.get("member_added_per_client", [])}
-    users = [f"user-{i}" for i in range(6)]
-    assert added == {f"C{i}": users[i + 1 :] for i in range(6)}, explain(result)
-    assert seen.get("counts_after_join") == [6] * 6, explain(result)
-    assert seen.get("second_tab_roster_count") == 6, explain(result)
-    assert seen.get("removed_at_C0") == list(reversed(users[1:])), explain(result)
-    assert seen.get("final_count_at_C0") == 1, explain(result)
-    assert_clean(result)
+        seen = result["observed"]
+        added = {row["client"]: row["added"] for row in seen.get("member_added_per_client", [])}
+        users = [f"user-{i}" for i in range(6)]
+        assert added == {f"C{i}": users[i + 1 :] for i in range(6)}, explain(result)
+        assert seen.get("counts_after_join") == [6] * 6, explain(result)
+        assert seen.get("second_tab_roster_count") == 6, explain(result)
+        assert seen.get("removed_at_C0") == list(reversed(users[1:])), explain(result)
+        assert seen.get("final_count_at_C0") == 1, explain(result)
+        assert_clean(result)
 
 
 def test_client_events_private_and_presence() -> None:
     with run_vask(workers=3) as server:
         result = scenario(server, "client_events.mjs")
-    seen = result["observed"]
-    message = {"typing": True, "text": "hello from A", "user_id": "forged"}
-    for kind, sender_id in (("private", None), ("presence", "uid-A")):
-        deliveries = seen.get(f"{kind}_deliveries") or {}
-        assert deliveries.get("A") == [], f"{kind}: sender got its own event\n{explain(result)}"
-        for receiver in ("B1", "B2", "B3"):
-            assert deliveries.get(receiver) == [{"data": message, "user_id": sender_id}], (
-                f"{kind}: {receiver}\n{explain(result)}"
-            )
-    assert_clean(result)
+        seen = result["observed"]
+        message = {"typing": True, "text": "hello from A", "user_id": "forged"}
+        for kind, sender_id in (("private", None), ("presence", "uid-A")):
+            deliveries = seen.get(f"{kind}_deliveries") or {}
+            assert deliveries.get("A") == [], f"{kind}: sender got its own event\n{explain(result)}"
+            for receiver in ("B1", "B2", "B3"):
+                assert deliveries.get(receiver) == [{"data": message, "user_id": sender_id}], (
+                    f"{kind}: {receiver}\n{explain(result)}"
+                )
+        assert_clean(result)
 
 
 def test_signin_send_to_user_and_terminate() -> None:
     with run_vask(workers=3) as server:
         result = scenario(server, "signin.mjs")
-    seen = result["observed"]
-    assert seen.get("send_status") == 200, explain(result)
-    order = {"order_id": 1001, "items": ["tea", "scones"]}
-    assert seen.get("orders") == {"ada-1": [order], "ada-2": [order], "bob": []}, explain(result)
-    assert seen.get("terminate_status") == 200, explain(result)
-    # Each of ada's connections left `connected` and was closed with Vask's 4200.
-    for states in seen.get("ada_states_after_terminate") or [[], []]:
-        assert any(s != "connected" for s in states), explain(result)
-    assert seen.get("ada_close_codes") == [[4200], [4200]], explain(result)
-    assert seen.get("bob_states") == ["connected"], explain(result)
-    assert_clean(result)
+        seen = result["observed"]
+        assert seen.get("send_status") == 200, explain(result)
+        order = {"order_id": 1001, "items": ["tea", "scones"]}
+        assert seen.get("orders") == {"ada-1": [order], "ada-2": [order], "bob": []}, explain(
+            result
+        )
+        assert seen.get("terminate_status") == 200, explain(result)
+        # Each of ada's connections left `connected` and was closed with Vask's 4200.
+        for states in seen.get("ada_states_after_terminate") or [[], []]:
+            assert any(s != "connected" for s in states), explain(result)
+        assert seen.get("ada_close_codes") == [[4200], [4200]], explain(result)
+        assert seen.get("bob_states") == ["connected"], explain(result)
+        assert_clean(result)
 
 
 def test_http_api_through_node_sdk() -> None:
     with run_vask(workers=3) as server:
         result = scenario(server, "http_api.mjs")
-    seen = result["observed"]
-    assert seen.get("listener_events") == {
-        "L0": ["for-all"],
-        "L1": ["not-for-l0", "for-all"],
-        "L2": ["not-for-l0", "for-all"],
-    }, explain(result)
-    assert seen.get("trigger_batch") == {"status": 200, "body": {}}, explain(result)
-    channels = seen.get("get_channels", {}).get("body", {}).get("channels", {})
-    assert len(channels) == 2 and all(v == {} for v in channels.values()), explain(result)
-    room = next((name for name in channels if name.startswith("presence-")), None)
-    assert room is not None, explain(result)
-    assert seen.get("get_channels_presence") == {
-        "status": 200,
-        "body": {"channels": {room: {"user_count": 3}}},
-    }, explain(result)
-    presence = seen.get("get_presence_channel", {})
-    assert presence.get("status") == 200, explain(result)
-    assert presence.get("body", {}).get("occupied") is True, explain(result)
-    assert presence.get("body", {}).get("user_count") == 3, explain(result)
-    users = seen.get("get_presence_users", {}).get("body", {}).get("users")
-    assert sorted(users or [], key=lambda u: u["id"]) == [
-        {"id": "u1"},
-        {"id": "u2"},
-        {"id": "u3"},
-    ], explain(result)
-    after = seen.get("get_presence_users_after_leave", {}).get("body", {}).get("users")
-    assert sorted(u["id"] for u in after or []) == ["u1", "u3"], explain(result)
-    assert_clean(result)
+        seen = result["observed"]
+        assert seen.get("listener_events") == {
+            "L0": ["for-all"],
+            "L1": ["not-for-l0", "for-all"],
+            "L2": ["not-for-l0", "for-all"],
+        }, explain(result)
+        assert seen.get("trigger_batch") == {"status": 200, "body": {}}, explain(result)
+        channels = seen.get("get_channels", {}).get("body", {}).get("channels", {})
+        assert len(channels) == 2 and all(v == {} for v in channels.values()), explain(result)
+        room = next((name for name in channels if name.startswith("presence-")), None)
+        assert room is not None, explain(result)
+        assert seen.get("get_channels_presence") == {
+            "status": 200,
+            "body": {"channels": {room: {"user_count": 3}}},
+        }, explain(result)
+        presence = seen.get("get_presence_channel", {})
+        assert presence.get("status") == 200, explain(result)
+        assert presence.get("body", {}).get("occupied") is True, explain(result)
+        assert presence.get("body", {}).get("user_count") == 3, explain(result)
+        users = seen.get("get_presence_users", {}).get("body", {}).get("users")
+        assert sorted(users or [], key=lambda u: u["id"]) == [
+            {"id": "u1"},
+            {"id": "u2"},
+            {"id": "u3"},
+        ], explain(result)
+        after = seen.get("get_presence_users_after_leave", {}).get("body", {}).get("users")
+        assert sorted(u["id"] for u in after or []) == ["u1", "u3"], explain(result)
+        assert_clean(result)
 
 
 def test_cache_channel_replay_and_miss() -> None:
     with run_vask(workers=3) as server:
         result = scenario(server, "cache.mjs")
-    seen = result["observed"]
-    # Exactly: the confirmation, then the last cached event (not the earlier one).
-    primed = seen.get("primed_sequences") or {}
-    assert len(primed) == 3, explain(result)
-    for seq in primed.values():
-        assert [e["event"] for e in seq] == ["pusher:subscription_succeeded", "score"], explain(
-            result
-        )
-        assert seq[1]["data"] == {"home": 3, "away": 1}, explain(result)
-    empty = seen.get("empty_sequences") or {}
-    assert len(empty) == 3 and all(
-        seq == ["pusher:subscription_succeeded", "pusher:cache_miss"] for seq in empty.values()
-    ), explain(result)
-    assert_clean(result)
+        seen = result["observed"]
+        # Exactly: the confirmation, then the last cached event (not the earlier one).
+        primed = seen.get("primed_sequences") or {}
+        assert len(primed) == 3, explain(result)
+        for seq in primed.values():
+            assert [e["event"] for e in seq] == ["pusher:subscription_succeeded", "score"], explain(
+                result
+            )
+            assert seq[1]["data"] == {"home": 3, "away": 1}, explain(result)
+        empty = seen.get("empty_sequences") or {}
+        assert len(empty) == 3 and all(
+            seq == ["pusher:subscription_succeeded", "pusher:cache_miss"] for seq in empty.values()
+        ), explain(result)
+        assert_clean(result)
