@@ -39,6 +39,7 @@ from vask.envelope import (
 log = logging.getLogger("vask.broker")
 
 COUNT_FLUSH_INTERVAL = 0.1
+QUEUE_LIMIT = 200_000  # messages per peer
 
 
 class Broker:
@@ -55,8 +56,9 @@ class Broker:
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.router.setsockopt(zmq.SNDHWM, 0)
-        self.router.setsockopt(zmq.RCVHWM, 0)
+        # Bounded queues: a stalled worker cannot make the broker buffer without limit.
+        self.router.setsockopt(zmq.SNDHWM, QUEUE_LIMIT)
+        self.router.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
         self.running = True
 
     def bind(self) -> None:
@@ -129,7 +131,7 @@ class Broker:
         for line in lines:
             if line:
                 log.info("worker %s died; purging it", line.decode(errors="replace"))
-                self.send(self.state.purge(line))
+                self.send(self.state.purge_named(line.decode(errors="replace")))
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -158,9 +160,15 @@ class Broker:
                 self.send(self.state.flush_counts(now))
                 self.state.expire_cache(now)
             if now >= next_beat:
+                late = now - next_beat > interval
                 next_beat = now + interval
                 beat = Heartbeat(self.epoch)
                 self.send([(w, beat) for w in self.state.workers])
+                if late:
+                    # We stalled ourselves (swapped out, SIGSTOP, huge burst): silence was
+                    # ours, not the workers'. Give them a fresh heartbeat window.
+                    for worker in self.state.workers.values():
+                        worker.last_seen = now
                 for identity in self.state.expired(now, self.settings.heartbeat_timeout):
                     log.warning("worker %r stopped heartbeating; purging it", identity)
                     self.send(self.state.purge(identity))

@@ -139,6 +139,14 @@ class ClusterState:
     def expired(self, now: float, timeout: float) -> list[bytes]:
         return [w.identity for w in self.workers.values() if now - w.last_seen > timeout]
 
+    def purge_named(self, prefix: str) -> Out:
+        """Purge the worker(s) whose name starts with ``host:pid:slot:`` (supervisor)."""
+        out: Out = []
+        for identity in [w.identity for w in self.workers.values()
+                         if w.name.startswith(prefix + ":")]:
+            out += self.purge(identity)
+        return out
+
     def purge(self, identity: bytes) -> Out:
         """Remove a worker and every connection it held, with the implied events."""
         worker = self.workers.pop(identity, None)

@@ -13,6 +13,7 @@ from vask import __version__
 from vask.bench.cli import bench
 from vask.config import ConfigError, Settings, load_settings, warnings_for
 from vask.logs import setup_logging
+from vask.process import set_process_name
 
 log = logging.getLogger("vask")
 
@@ -66,6 +67,7 @@ def run(host: str | None, port: int | None, workers: int | None, config: str | N
     try:
         supervisor.start()
     except OSError as exc:
+        supervisor.stop()
         click.echo(f"vask: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
                    err=True)
         sys.exit(1)
@@ -78,8 +80,10 @@ def _banner(settings: Settings, port: int) -> None:
     click.echo(f"Vask {__version__}: {settings.workers} worker(s) on {settings.host}:{port} "
                f"(supervisor pid {os.getpid()})", err=True)
     for app in settings.apps:
+        # Only the built-in default app's secret is shown: configured secrets stay secret.
+        secret = app.secret if settings.default_app else "(from config)"
         tag = " (default app)" if settings.default_app else ""
-        click.echo(f"  app id={app.id} key={app.key} secret={app.secret}{tag}", err=True)
+        click.echo(f"  app id={app.id} key={app.key} secret={secret}{tag}", err=True)
         click.echo(f"    WebSocket: ws://{host}:{port}/app/{app.key}?protocol=7", err=True)
         click.echo(f"    HTTP API:  http://{host}:{port}/apps/{app.id}/events", err=True)
 
@@ -95,6 +99,7 @@ def broker_command(endpoint: str, config: str | None, log_level: str | None) -> 
     """Run a broker alone, for workers on several hosts (`vask run --broker ...`)."""
     settings = _load(config, {"broker": endpoint, "log_level": log_level})
     setup_logging(settings.log_level, "broker")
+    set_process_name("vask-broker")
     from vask.broker.server import serve
 
     serve(settings, endpoint)

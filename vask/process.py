@@ -8,6 +8,9 @@ import signal
 
 _PR_SET_PDEATHSIG = 1
 
+#: exit status of a child that cannot start: the supervisor stops instead of restarting
+STARTUP_FAILURE = 3
+
 
 def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
     """Ask the kernel to send us ``signum`` when our parent dies, so that killing the

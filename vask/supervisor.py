@@ -32,11 +32,10 @@ from multiprocessing.process import BaseProcess
 
 from vask.config import Settings
 from vask.logs import setup_logging
-from vask.process import set_process_name
+from vask.process import STARTUP_FAILURE, set_process_name
 
 log = logging.getLogger("vask.supervisor")
 
-STARTUP_FAILURE = 3
 EARLY_DEATH = 3.0
 MAX_EARLY_DEATHS = 5
 MAX_BACKOFF = 10.0
@@ -45,8 +44,17 @@ _fork = multiprocessing.get_context("fork")
 
 
 def bind_shards(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` listening sockets on one port, each its own SO_REUSEPORT shard."""
+    """``count`` listening sockets on one port, each its own SO_REUSEPORT shard.
+
+    SO_REUSEPORT would also let a second, unrelated ``vask run`` share the port and
+    silently split clients between two clusters, so the port is first probed with a
+    plain bind that fails if anything already listens there.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))  # raises EADDRINUSE when the port is taken
     shards = []
     for _ in range(count):
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -92,6 +100,7 @@ class Supervisor:
         self.wake_r, self.wake_w = os.pipe()
         self.control_r, self.control_w = os.pipe()
         self.stopping = False
+        self.reload_asked = False
         self.exit_status = 0
         self.pid = os.getpid()
 
@@ -116,6 +125,8 @@ class Supervisor:
         # Only note it; the wake-up fd wakes the main loop, which acts.
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
+        elif signum == signal.SIGHUP:
+            self.reload_asked = True
 
     def _spawn(self, child: Child) -> None:
         settings, endpoint, parent = self.settings, self.endpoint, self.pid
@@ -146,6 +157,10 @@ class Supervisor:
                     os.read(self.wake_r, 4096)
                 except BlockingIOError:
                     pass
+                if self.reload_asked:
+                    self.reload_asked = False
+                    log.warning("SIGHUP: configuration reload is not supported yet; "
+                                "restart vask to apply changes")
                 if not self.stopping:
                     self._check_children()
         finally:
@@ -192,6 +207,8 @@ class Supervisor:
                 self._spawn(child)
 
     def _tell_broker_dead(self, child: Child, pid: int | None) -> None:
+        if not self.own_broker:
+            return  # an external broker notices through missing heartbeats
         name = f"{socket.gethostname()}:{pid}:{child.slot}\n".encode()
         try:
             os.write(self.control_w, name)

@@ -26,6 +26,7 @@ from vask import envelope
 from vask.config import Settings
 from vask.envelope import (
     ENVELOPE_VERSION,
+    Bye,
     Heartbeat,
     Hello,
     Reply,
@@ -36,6 +37,8 @@ from vask.envelope import (
 
 log = logging.getLogger("vask.worker")
 
+QUEUE_LIMIT = 200_000  # messages
+BYE_LINGER_MS = 500
 ReplyCallback = Callable[[dict[str, Any] | None], None]
 
 
@@ -56,8 +59,10 @@ class BrokerLink:
     ) -> None:
         self.settings = settings
         self.endpoint = endpoint
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{slot}"
         self.epoch = time.time_ns() // 1000
+        # host:pid:slot for people and the supervisor, plus the epoch so that equal
+        # host names and pids on different machines (containers) never collide.
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{slot}:{self.epoch}"
         self.prefix = secrets.randbelow(899_999_999) + 100_000_000
         self.on_message = on_message
         self.on_welcome = on_welcome
@@ -66,8 +71,10 @@ class BrokerLink:
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
+        # Bounded: while the broker is away nothing piles up without limit (a restarted
+        # broker gets this worker's state by replay anyway).
+        self.sock.setsockopt(zmq.SNDHWM, QUEUE_LIMIT)
+        self.sock.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.sock.connect(endpoint)
@@ -107,6 +114,9 @@ class BrokerLink:
         self.beat_handle = self.loop.call_later(self.settings.heartbeat_interval, self._beat)
 
     def close(self) -> None:
+        """Say goodbye (the broker purges our connections at once) and close."""
+        if self.welcomed and not self.closed:
+            self.send(Bye(self.name))
         self.closed = True
         if self.beat_handle is not None:
             self.beat_handle.cancel()
@@ -117,7 +127,7 @@ class BrokerLink:
             self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
         except (ValueError, OSError, zmq.ZMQError):
             pass
-        self.sock.close(linger=0)
+        self.sock.close(linger=BYE_LINGER_MS)
 
     # --- sending --------------------------------------------------------------------
 

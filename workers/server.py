@@ -31,7 +31,7 @@ from vask.envelope import (
     Terminate,
     Verb,
 )
-from vask.process import die_with_parent
+from vask.process import STARTUP_FAILURE, die_with_parent
 from vask.session import PusherSession
 from vask.workers.api_adapter import ApiAdapter
 from vask.workers.broker_link import BrokerLink
@@ -47,7 +47,6 @@ from vask.workers.wsframe import text_frame
 log = logging.getLogger("vask.worker")
 
 SWEEP_INTERVAL = 1.0
-STARTUP_FAILURE = 3  # exit status: the supervisor must not restart us
 STARTUP_BROKER_WAIT = 6  # times broker_timeout to wait for the first welcome
 
 

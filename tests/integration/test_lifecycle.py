@@ -276,3 +276,13 @@ def test_startup_failure_stops_the_supervisor_with_the_cause() -> None:
     assert result.returncode == 1
     assert f"no broker answered at {dead_broker}" in result.stderr
     assert "failed to start" in result.stderr
+
+
+def test_a_second_vask_on_the_same_port_is_refused() -> None:
+    with run_vask(workers=1) as srv:
+        result = subprocess.run(
+            [sys.executable, "-m", "vask.cli", "run", "--host", "127.0.0.1",
+             "--port", str(srv.port), "--workers", "1"],
+            capture_output=True, text=True, timeout=30, check=False)
+        assert result.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{srv.port}: Address already in use" in result.stderr
