@@ -135,7 +135,7 @@ class BrokerLink:
         if self.closed:
             return
         try:
-            self.sock.send_multipart(envelope.encode(message), zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart(envelope.encode(message), zmq.NOBLOCK)
         except zmq.Again:
             log.warning("broker queue full; dropped %s", type(message).__name__)
         if not self.drain_scheduled:
