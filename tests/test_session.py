@@ -35,8 +35,14 @@ def told(actions: list[Any]) -> list[Any]:
 
 
 def subscribe(s: PusherSession, channel: str, channel_data: str | None = None) -> list[Any]:
+    """Subscribe; plain channels are settled at once with the broker's {"ok": true}."""
     data = signed_subscribe(s.app, s.socket_id, channel, channel_data)
-    return feed(s, {"event": "pusher:subscribe", "data": data})
+    actions = feed(s, {"event": "pusher:subscribe", "data": data})
+    asks = [a for a in actions if isinstance(a, Ask)]
+    if asks and asks[0].message.member is None and not channel.startswith(
+            ("cache-", "private-cache-", "private-encrypted-cache-")):
+        return actions + s.subscribe_answered(asks[0].message, {"ok": True})
+    return actions
 
 
 def settle(s: PusherSession, actions: list[Any], body: dict[str, Any]) -> list[Any]:
@@ -76,19 +82,21 @@ def test_unknown_pusher_event_is_an_error() -> None:
 # --- subscriptions -------------------------------------------------------------------
 
 
-def test_public_subscribe_succeeds_at_once_and_tells_the_broker() -> None:
+def test_public_subscribe_is_settled_by_an_answer() -> None:
     s = session()
     actions = feed(s, {"event": "pusher:subscribe", "data": {"channel": "news", "auth": ""}})
-    assert Bind("news", True) in actions
-    assert sent(actions) == [{"event": "pusher_internal:subscription_succeeded",
-                              "channel": "news", "data": "{}"}]
-    assert told(actions) == [Subscribe(0, "3", "news", SOCKET, None, 0)]
+    assert actions == [Ask(Subscribe(0, "3", "news", SOCKET, None, 0))]
+    assert not s.is_subscribed("news")
+    done = s.subscribe_answered(actions[0].message, {"ok": True})
+    assert Bind("news", True) in done
+    assert sent(done) == [{"event": "pusher_internal:subscription_succeeded",
+                           "channel": "news", "data": "{}"}]
     assert s.is_subscribed("news")
 
 
 def test_subscribe_data_may_be_a_json_string() -> None:
     actions = feed(session(), {"event": "pusher:subscribe", "data": '{"channel":"news"}'})
-    assert sent(actions)[0]["event"] == "pusher_internal:subscription_succeeded"
+    assert actions == [Ask(Subscribe(0, "3", "news", SOCKET, None, 0))]
 
 
 @pytest.mark.parametrize("channel", ["", "a b", "ünï", "x" * 201, "#secret", 5])
@@ -114,7 +122,7 @@ def test_private_subscribe_with_the_spec_signature() -> None:
     s = session()
     actions = feed(s, {"event": "pusher:subscribe",
                        "data": {"channel": "private-foobar", "auth": auth}})
-    assert sent(actions)[0]["event"] == "pusher_internal:subscription_succeeded"
+    assert actions == [Ask(Subscribe(0, "3", "private-foobar", SOCKET, None, 0))]
     assert s.authorized
 
 

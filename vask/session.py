@@ -76,7 +76,8 @@ class Tell:
 @dataclass(frozen=True, slots=True)
 class Ask:
     """Send this subscribe to the broker (with a fresh request id) and hand the answer to
-    :meth:`PusherSession.subscribe_answered`."""
+    :meth:`PusherSession.subscribe_answered` (``{"ok": true}`` may also come from the
+    worker itself, see :meth:`Worker.ask_subscribe`)."""
 
     message: Subscribe
 
@@ -216,21 +217,17 @@ class PusherSession:
             if refusal is not None:
                 return [Send(refusal)]
             self.authorized = True
-        if kind.presence or kind.cache:
-            self.subscriptions[channel] = _PENDING
-            return [
-                Ask(
-                    Subscribe(
-                        0, self.app.id, channel, self.socket_id, member,
-                        self.app.max_presence_members_per_channel,
-                    )
-                )
-            ]
-        self.subscriptions[channel] = ""
+        # Success is only reported once the cluster routes the channel here: the
+        # worker answers at once when it already holds a confirmed subscription to the
+        # channel, and otherwise asks the broker (always for presence and cache).
+        self.subscriptions[channel] = _PENDING
         return [
-            Bind(channel, True),
-            Send(frames.subscription_succeeded(channel)),
-            Tell(Subscribe(0, self.app.id, channel, self.socket_id, None, 0)),
+            Ask(
+                Subscribe(
+                    0, self.app.id, channel, self.socket_id, member,
+                    self.app.max_presence_members_per_channel if kind.presence else 0,
+                )
+            )
         ]
 
     def _authorize(

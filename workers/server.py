@@ -19,6 +19,7 @@ from urllib.parse import unquote
 import orjson
 
 from vask import frames
+from vask.channels import kind_of
 from vask.config import App, Settings
 from vask.envelope import (
     ConnClose,
@@ -29,6 +30,7 @@ from vask.envelope import (
     SignIn,
     Subscribe,
     Terminate,
+    Unsubscribe,
     Verb,
 )
 from vask.process import STARTUP_FAILURE, die_with_parent
@@ -47,6 +49,7 @@ from vask.workers.wsframe import text_frame
 log = logging.getLogger("vask.worker")
 
 SWEEP_INTERVAL = 1.0
+_OK: dict[str, Any] = {"ok": True}
 STARTUP_BROKER_WAIT = 6  # times broker_timeout to wait for the first welcome
 
 
@@ -61,6 +64,8 @@ class Worker:
         self.connections: set[Connection] = set()
         self.by_socket_id: dict[str, Connection] = {}
         self.index: dict[tuple[str, str], set[Connection]] = {}
+        #: channels the broker has confirmed it routes to this worker (see ask_subscribe)
+        self.confirmed: set[tuple[str, str]] = set()
         self.dirty: list[Connection] = []
         self.flush_scheduled = False
         self.clock = time.monotonic()
@@ -147,6 +152,7 @@ class Worker:
                 members.discard(conn)
                 if not members:
                     del self.index[key]
+                    self.confirmed.discard(key)
 
     def forget(self, conn: Connection) -> None:
         """A connection ended: drop it locally and tell the broker."""
@@ -161,6 +167,17 @@ class Worker:
             self.link.send(ConnClose(session.app.id, session.socket_id))
 
     def ask_subscribe(self, conn: Connection, message: Subscribe) -> None:
+        """Settle a subscribe: locally when the broker already routes a plain channel to
+        this worker (``confirmed``), otherwise by asking the broker."""
+        session = conn.session
+        if session is None:
+            return
+        key = (message.app, message.channel)
+        if message.member is None and key in self.confirmed and not kind_of(key[1]).cache:
+            self.link.send(message)
+            conn.apply(session.subscribe_answered(message, _OK))
+            return
+
         def answered(body: dict[str, Any] | None) -> None:
             session = conn.session
             if session is None:
@@ -168,8 +185,12 @@ class Worker:
             if body is None:
                 body = {"ok": False, "type": "ServerError", "status": 503,
                         "error": "The cluster did not answer in time; try again"}
-                session.subscriptions.pop(message.channel, None)
-            conn.apply(session.subscribe_answered(message, body))
+                # the broker may still apply it later: take it back
+                self.link.send(Unsubscribe(message.app, message.channel, message.socket_id))
+            actions = session.subscribe_answered(message, body)
+            conn.apply(actions)
+            if body.get("ok") and key in self.index:
+                self.confirmed.add(key)
 
         self.link.request(
             lambda rid: Subscribe(rid, message.app, message.channel, message.socket_id,

@@ -297,3 +297,27 @@ def test_unauthorized_connections_are_closed_with_4009(server: Server) -> None:
         await signed.close()
 
     run(go())
+
+
+def test_subscription_succeeded_means_routed_cluster_wide(server: Server) -> None:
+    """Right after subscription_succeeded, an event published through any other worker
+    reaches the new subscriber (no window where the broker does not yet route to it)."""
+
+    async def go() -> None:
+        clients = await connect_many(server.ws_url, 6)
+        by_worker: dict[str, PusherClient] = {}
+        for client in clients:
+            by_worker.setdefault(client.socket_id.split(".")[0], client)
+        assert len(by_worker) >= 2
+        sender, receiver = list(by_worker.values())[:2]
+        for n in range(25):
+            await asyncio.sleep(0.12)  # stay under the 10 client events/s limit
+            channel = f"private-race-{n}"
+            await sender.subscribe(channel)
+            await receiver.subscribe(channel)
+            await sender.send({"event": "client-go", "channel": channel, "data": str(n)})
+            frame = await receiver.wait_for("client-go", channel, timeout=5)
+            assert frame["data"] == str(n)
+        await close_all(clients)
+
+    run(go())
