@@ -286,3 +286,21 @@ def test_a_second_vask_on_the_same_port_is_refused() -> None:
             capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 1
         assert f"cannot listen on 127.0.0.1:{srv.port}: Address already in use" in result.stderr
+
+
+def test_fragmented_messages_and_idle_protocol_release(server: Server) -> None:
+    async def go() -> None:
+        client = await PusherClient.connect(server.ws_url)
+        # a message split over three frames is reassembled
+        await client.ws.send(iter(['{"event":"pusher:', 'ping",', '"data":{}}']))
+        await client.wait_for("pusher:pong")
+        # idle past the release time: the worker drops its protocol object, then
+        # rebuilds it on the next inbound frame
+        await asyncio.sleep(7)
+        await client.send({"event": "pusher:ping", "data": {}})
+        await client.wait(lambda f: len(client.events("pusher:pong")) == 2)
+        await client.ws.send(iter(['{"event":"pusher:sub', 'scribe","data":{"channel":"frag"}}']))
+        await client.wait_for("pusher_internal:subscription_succeeded", "frag")
+        await client.close()
+
+    run(go())
