@@ -39,6 +39,7 @@ from vask.envelope import (
 log = logging.getLogger("vask.broker")
 
 COUNT_FLUSH_INTERVAL = 0.1
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: enum flags cost a construction per use
 QUEUE_LIMIT = 200_000  # messages per peer
 
 
@@ -71,7 +72,7 @@ class Broker:
         router = self.router
         for identity, message in out:
             try:
-                router.send_multipart([identity, *envelope.encode(message)], zmq.NOBLOCK)
+                router.send_multipart([identity, *envelope.encode(message)], _NOBLOCK)
             except zmq.Again:
                 log.warning("dropping %s to a worker whose queue is full", type(message).__name__)
 
@@ -151,7 +152,7 @@ class Broker:
                 # Drain everything queued, bounded so timers still run under load.
                 for _ in range(10_000):
                     try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
+                        frames = router.recv_multipart(_NOBLOCK)
                     except zmq.Again:
                         break
                     self.handle(frames, now)

@@ -37,6 +37,8 @@ from vask.envelope import (
 
 log = logging.getLogger("vask.worker")
 
+# plain ints: pyzmq's enum flags cost an enum construction per use on the hot path
+_NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 QUEUE_LIMIT = 200_000  # messages
 BYE_LINGER_MS = 500
 ReplyCallback = Callable[[dict[str, Any] | None], None]
@@ -135,7 +137,7 @@ class BrokerLink:
         if self.closed:
             return
         try:
-            self.sock.send_multipart(envelope.encode(message), zmq.NOBLOCK)
+            self.sock.send_multipart(envelope.encode(message), _NOBLOCK)
         except zmq.Again:
             log.warning("broker queue full; dropped %s", type(message).__name__)
         if not self.drain_scheduled:
@@ -184,9 +186,9 @@ class BrokerLink:
             return
         sock = self.sock
         on_message = self.on_message
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while sock.getsockopt(_EVENTS) & _POLLIN:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 break
             try:

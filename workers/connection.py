@@ -256,13 +256,17 @@ class Connection(asyncio.Protocol):
         handshake = ServerProtocol(max_size=max_size)
         response = handshake.accept(Request("/", headers))
         handshake.send_response(response)
-        for data in handshake.data_to_send():
-            if data:
-                self.write_now(data)
         if response.status_code != 101:
+            for data in handshake.data_to_send():
+                if data:
+                    self.write_now(data)
             if self.transport is not None:
                 self.transport.close()
             return
+        # Corked: the 101 response leaves in the same write as connection_established.
+        for data in handshake.data_to_send():
+            if data:
+                self.worker.queue(self, data)
         self.phase = OPENING
         self.worker.websocket_opened(self, path)
         if rest:
