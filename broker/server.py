@@ -39,6 +39,7 @@ from vask.envelope import (
 log = logging.getLogger("vask.broker")
 
 COUNT_FLUSH_INTERVAL = 0.1
+FLUSH_EVERY = 64  # inbound messages (each may be a batch) between outbound flushes
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: enum flags cost a construction per use
 QUEUE_LIMIT = 200_000  # messages per peer
 
@@ -61,6 +62,7 @@ class Broker:
         self.router.setsockopt(zmq.SNDHWM, QUEUE_LIMIT)
         self.router.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
         self.running = True
+        self.outboxes: dict[bytes, list[list[bytes]]] = {}
 
     def bind(self) -> None:
         self.router.bind(self.endpoint)
@@ -69,20 +71,34 @@ class Broker:
         self.running = False
 
     def send(self, out: Out) -> None:
-        router = self.router
+        """Queue messages per worker; :meth:`flush` sends each worker one batch."""
+        outboxes = self.outboxes
         for identity, message in out:
+            box = outboxes.get(identity)
+            if box is None:
+                box = outboxes[identity] = []
+            box.append(envelope.encode(message))
+
+    def flush(self) -> None:
+        router = self.router
+        for identity, box in self.outboxes.items():
             try:
-                router.send_multipart([identity, *envelope.encode(message)], _NOBLOCK)
+                router.send_multipart([identity, *envelope.encode_batch(box)], _NOBLOCK)
             except zmq.Again:
-                log.warning("dropping %s to a worker whose queue is full", type(message).__name__)
+                log.warning("dropping %d messages to a worker whose queue is full", len(box))
+        self.outboxes = {}
 
     def handle(self, frames: list[bytes], now: float) -> None:
         identity = frames[0]
         try:
-            message = envelope.decode(frames[1:])
+            messages = envelope.decode_many(frames[1:])
         except envelope.EnvelopeError as exc:
             log.warning("bad message from %r: %s", identity, exc)
             return
+        for message in messages:
+            self.handle_one(identity, message, now)
+
+    def handle_one(self, identity: bytes, message: envelope.Verb, now: float) -> None:
         state = self.state
         if isinstance(message, Hello):
             self.send(state.hello(identity, message, now))
@@ -149,13 +165,16 @@ class Broker:
             if self.control_fd in events:
                 self.read_control()
             if self.router in events:
-                # Drain everything queued, bounded so timers still run under load.
-                for _ in range(10_000):
+                # Drain everything queued, bounded so timers still run under load;
+                # answers leave in batches, at least every FLUSH_EVERY inbound messages.
+                for n in range(1, 10_001):
                     try:
                         frames = router.recv_multipart(_NOBLOCK)
                     except zmq.Again:
                         break
                     self.handle(frames, now)
+                    if n % FLUSH_EVERY == 0:
+                        self.flush()
             if now >= next_flush:
                 next_flush = now + COUNT_FLUSH_INTERVAL
                 self.send(self.state.flush_counts(now))
@@ -176,6 +195,8 @@ class Broker:
             if self.state.webhooks:
                 # Webhook delivery is not built yet (its own issue); keep memory bounded.
                 self.state.webhooks.clear()
+            if self.outboxes:
+                self.flush()
         router.close(linger=0)
 
 

@@ -83,3 +83,24 @@ def test_payload_travels_as_its_own_frame_untouched() -> None:
 def test_bad_messages_are_refused(frames: list[bytes], problem: str) -> None:
     with pytest.raises(EnvelopeError, match=problem):
         envelope.decode(frames)
+
+
+def test_batches_round_trip_and_single_messages_stay_unwrapped() -> None:
+    encoded = [envelope.encode(m) for m in SAMPLES]
+    frames = envelope.encode_batch(encoded)
+    assert frames[0] == envelope.BATCH
+    assert envelope.decode_many(frames) == SAMPLES
+    single = envelope.encode_batch(encoded[:1])
+    assert single == encoded[0]
+    assert envelope.decode_many(single) == SAMPLES[:1]
+
+
+@pytest.mark.parametrize("frames", [
+    [b"BATCH", b"[2]"],
+    [b"BATCH", b"[3]", b"HB", b"[1]"],
+    [b"BATCH", b"{", b"HB", b"[1]"],
+    [b"BATCH", b"[1]", b"HB"],
+])
+def test_bad_batches_are_refused(frames: list[bytes]) -> None:
+    with pytest.raises(EnvelopeError, match="BATCH"):
+        envelope.decode_many(frames)

@@ -86,6 +86,7 @@ class BrokerLink:
         self.next_rid = 1
         self.pending: dict[int, tuple[ReplyCallback, asyncio.TimerHandle]] = {}
         self.drain_scheduled = False
+        self.outbox: list[list[bytes]] = []
         self.closed = False
         self.beat_handle: asyncio.TimerHandle | None = None
         self.loop.add_reader(self.sock.getsockopt(zmq.FD), self.drain)
@@ -119,6 +120,7 @@ class BrokerLink:
         """Say goodbye (the broker purges our connections at once) and close."""
         if self.welcomed and not self.closed:
             self.send(Bye(self.name))
+            self.flush()
         self.closed = True
         if self.beat_handle is not None:
             self.beat_handle.cancel()
@@ -134,12 +136,23 @@ class BrokerLink:
     # --- sending --------------------------------------------------------------------
 
     def send(self, message: Verb) -> None:
+        """Queue ``message``; everything queued in one loop turn leaves as one batch."""
         if self.closed:
             return
+        outbox = self.outbox
+        outbox.append(envelope.encode(message))
+        if len(outbox) == 1:
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        outbox = self.outbox
+        if not outbox or self.closed:
+            return
+        self.outbox = []
         try:
-            self.sock.send_multipart(envelope.encode(message), _NOBLOCK)
+            self.sock.send_multipart(envelope.encode_batch(outbox), _NOBLOCK)
         except zmq.Again:
-            log.warning("broker queue full; dropped %s", type(message).__name__)
+            log.warning("broker queue full; dropped %d messages", len(outbox))
         if not self.drain_scheduled:
             self.drain_scheduled = True
             self.loop.call_soon(self.drain)
@@ -192,28 +205,32 @@ class BrokerLink:
             except zmq.Again:
                 break
             try:
-                message = envelope.decode(frames)
+                messages = envelope.decode_many(frames)
             except envelope.EnvelopeError as exc:
                 log.warning("bad message from the broker: %s", exc)
                 continue
             self.last_heard = time.monotonic()
-            if isinstance(message, Reply):
-                entry = self.pending.pop(message.rid, None)
-                if entry is not None:
-                    entry[1].cancel()
-                    entry[0](message.body)
-            elif isinstance(message, Heartbeat):
-                if self.welcomed and message.epoch != self.broker_epoch:
-                    log.warning("the broker restarted; replaying this worker's state")
-                    self.say_hello()
-            elif isinstance(message, Welcome):
-                self._welcomed(message)
-            elif isinstance(message, Resync):
-                if self.welcomed:
-                    log.warning("the broker asked for a resync; replaying this worker's state")
-                    self.say_hello()
-            else:
-                on_message(message)
+            for message in messages:
+                self._dispatch(message, on_message)
+
+    def _dispatch(self, message: Verb, on_message: Callable[[Verb], None]) -> None:
+        if isinstance(message, Reply):
+            entry = self.pending.pop(message.rid, None)
+            if entry is not None:
+                entry[1].cancel()
+                entry[0](message.body)
+        elif isinstance(message, Heartbeat):
+            if self.welcomed and message.epoch != self.broker_epoch:
+                log.warning("the broker restarted; replaying this worker's state")
+                self.say_hello()
+        elif isinstance(message, Welcome):
+            self._welcomed(message)
+        elif isinstance(message, Resync):
+            if self.welcomed:
+                log.warning("the broker asked for a resync; replaying this worker's state")
+                self.say_hello()
+        else:
+            on_message(message)
 
     def _welcomed(self, message: Welcome) -> None:
         if self.welcomed:
