@@ -41,6 +41,7 @@ log = logging.getLogger("vask.worker")
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 QUEUE_LIMIT = 200_000  # messages
 BYE_LINGER_MS = 500
+_CONTROL = (Reply, Heartbeat, Welcome, Resync)
 ReplyCallback = Callable[[dict[str, Any] | None], None]
 
 
@@ -56,7 +57,7 @@ class BrokerLink:
         settings: Settings,
         endpoint: str,
         slot: int,
-        on_message: Callable[[Verb], None],
+        on_message: Callable[[list[Verb]], None],
         on_welcome: Callable[[bool], None],
     ) -> None:
         self.settings = settings
@@ -210,10 +211,22 @@ class BrokerLink:
                 log.warning("bad message from the broker: %s", exc)
                 continue
             self.last_heard = time.monotonic()
+            # In order: runs of traffic go to the worker together (so it can join
+            # deliveries), link-level messages are handled where they stand.
+            traffic: list[Verb] = []
             for message in messages:
-                self._dispatch(message, on_message)
+                if isinstance(message, _CONTROL):
+                    if traffic:
+                        on_message(traffic)
+                        traffic = []
+                    self._control(message)
+                else:
+                    traffic.append(message)
+            if traffic:
+                on_message(traffic)
 
-    def _dispatch(self, message: Verb, on_message: Callable[[Verb], None]) -> None:
+    def _control(self, message: Verb) -> None:
+        """Handle a link-level message: reply, heartbeat, welcome or resync."""
         if isinstance(message, Reply):
             entry = self.pending.pop(message.rid, None)
             if entry is not None:
@@ -229,8 +242,6 @@ class BrokerLink:
             if self.welcomed:
                 log.warning("the broker asked for a resync; replaying this worker's state")
                 self.say_hello()
-        else:
-            on_message(message)
 
     def _welcomed(self, message: Welcome) -> None:
         if self.welcomed:

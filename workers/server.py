@@ -74,7 +74,7 @@ class Worker:
         self.clock = time.monotonic()
         self.wall = time.time()
         self.next_socket = 1
-        self.link = BrokerLink(settings, endpoint, slot, self.on_broker_message, self.on_welcome)
+        self.link = BrokerLink(settings, endpoint, slot, self.on_broker_messages, self.on_welcome)
         self.welcomed = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
         self.stopping = False
@@ -111,38 +111,66 @@ class Worker:
                 link.send(SignIn(session.app.id, session.socket_id, session.user_id,
                                  session.watchlist))
 
-    def on_broker_message(self, message: Verb) -> None:
-        if isinstance(message, Deliver):
-            self.deliver(message)
-        elif isinstance(message, DeliverTo):
-            frame = text_frame(message.payload)
-            for socket_id in message.socket_ids:
-                conn = self.by_socket_id.get(socket_id)
-                if conn is not None:
-                    self.queue(conn, frame)
-        elif isinstance(message, Terminate):
-            for socket_id in message.socket_ids:
-                conn = self.by_socket_id.get(socket_id)
-                if conn is not None:
-                    conn.close(message.code, message.message)
-        else:
-            log.warning("unexpected %s from the broker", type(message).__name__)
+    def on_broker_messages(self, messages: list[Verb]) -> None:
+        """One batch from the broker. Consecutive deliveries to the same channel (a busy
+        channel's events) are framed and joined once, so each subscriber gets them in
+        one write."""
+        i, n = 0, len(messages)
+        while i < n:
+            message = messages[i]
+            i += 1
+            if type(message) is Deliver:
+                run = [message]
+                while i < n:
+                    after = messages[i]
+                    if type(after) is not Deliver or after.channel != message.channel \
+                            or after.app != message.app or after.exclude != message.exclude:
+                        break
+                    run.append(after)
+                    i += 1
+                data = text_frame(message.payload) if len(run) == 1 else \
+                    b"".join([text_frame(m.payload) for m in run])
+                self.fan_out(message.app, message.channel, message.exclude, data)
+            elif isinstance(message, DeliverTo):
+                frame = text_frame(message.payload)
+                for socket_id in message.socket_ids:
+                    conn = self.by_socket_id.get(socket_id)
+                    if conn is not None:
+                        self.queue(conn, frame)
+            elif isinstance(message, Terminate):
+                for socket_id in message.socket_ids:
+                    conn = self.by_socket_id.get(socket_id)
+                    if conn is not None:
+                        conn.close(message.code, message.message)
+            else:
+                log.warning("unexpected %s from the broker", type(message).__name__)
 
-    def deliver(self, message: Deliver) -> None:
-        """Fan one payload out to local subscribers: framed once, written corked."""
-        targets = self.index.get((message.app, message.channel))
+    def fan_out(self, app_id: str, channel: str, exclude: str, data: bytes) -> None:
+        """Write ``data`` (complete frames) to every local subscriber but ``exclude``.
+
+        The hot path of a publish: the same bytes go to each connection, written
+        straight away; only a connection that already has corked output queued gets it
+        appended there instead, to keep its order.
+        """
+        targets = self.index.get((app_id, channel))
         if targets is None:
             return
-        frame = text_frame(message.payload)
-        exclude = message.exclude
         if type(targets) is Connection:
-            if targets.socket_id != exclude:
-                self.queue(targets, frame)
-            return
-        queue = self.queue
+            targets = (targets,)  # type: ignore[assignment]
+        limit = self.settings.write_buffer_limit
         for conn in targets:  # type: ignore[union-attr]
-            if conn.socket_id != exclude:
-                queue(conn, frame)
+            if conn.socket_id == exclude:
+                continue
+            out = conn.out
+            if out is not None:
+                out.append(data)
+                continue
+            transport = conn.transport
+            if transport is None:
+                continue
+            transport.write(data)
+            if transport.get_write_buffer_size() > limit:
+                transport.abort()  # a slow consumer: cut it off, never buffer without bound
 
     # --- local index ----------------------------------------------------------------
     #
