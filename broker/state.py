@@ -167,13 +167,10 @@ class ClusterState:
         if worker is None:
             return [(identity, Reply(msg.rid, {"ok": False, "error": "unknown worker"}))] \
                 if msg.rid else []
-        key = (msg.app, msg.socket_id)
-        if key not in self.sockets:
+        if (msg.app, msg.socket_id) not in self.sockets:
             if msg.max_connections and self.connections[msg.app] >= msg.max_connections:
                 return [(identity, Reply(msg.rid, {"ok": False}))] if msg.rid else []
-            self.connections[msg.app] += 1
-            self.sockets[key] = SocketInfo(identity)
-            worker.sockets.add(key)
+            self._register(identity, msg.app, msg.socket_id)
         return [(identity, Reply(msg.rid, {"ok": True}))] if msg.rid else []
 
     def conn_close(self, identity: bytes, msg: ConnClose) -> Out:
@@ -196,10 +193,27 @@ class ClusterState:
 
     # --- subscriptions ------------------------------------------------------------
 
+    def _register(self, identity: bytes, app_id: str, socket_id: str) -> SocketInfo | None:
+        """The connection's record, created on its first message: a worker announces a
+        connection with :class:`ConnOpen` only when its app has a quota; otherwise its
+        first subscribe or sign-in does (one message less per connection)."""
+        key = (app_id, socket_id)
+        info = self.sockets.get(key)
+        if info is None:
+            worker = self.workers.get(identity)
+            if worker is None:
+                return None
+            info = self.sockets[key] = SocketInfo(identity)
+            self.connections[app_id] += 1
+            worker.sockets.add(key)
+        elif info.worker != identity:
+            return None
+        return info
+
     def subscribe(self, identity: bytes, msg: Subscribe) -> Out:
-        info = self.sockets.get((msg.app, msg.socket_id))
-        if info is None or info.worker != identity:
-            # The connection closed (or its worker was purged) before this arrived.
+        info = self._register(identity, msg.app, msg.socket_id)
+        if info is None:
+            # Another worker's socket id, or its worker was purged: refuse.
             return [(identity, Reply(msg.rid, {"ok": False, "type": "ServerError",
                                                "error": "connection unknown", "status": 500}))] \
                 if msg.rid else []
@@ -308,7 +322,7 @@ class ClusterState:
     # --- users --------------------------------------------------------------------
 
     def sign_in(self, identity: bytes, msg: SignIn) -> Out:
-        info = self.sockets.get((msg.app, msg.socket_id))
+        info = self._register(identity, msg.app, msg.socket_id)
         if info is None or info.user_id is not None:
             return []
         info.user_id = msg.user_id

@@ -104,6 +104,7 @@ class Worker:
             session = conn.session
             if session is None or conn.phase != OPEN:
                 continue
+            conn.registered = True
             link.send(ConnOpen(0, session.app.id, session.socket_id, 0))
             for channel, member in session.replay_subscriptions():
                 link.send(Subscribe(0, session.app.id, channel, session.socket_id, member, 0))
@@ -217,7 +218,7 @@ class Worker:
         self.by_socket_id.pop(session.socket_id, None)
         for channel in session.local_channels():
             self.bind(conn, channel, False)
-        if not self.stopping or self.link.up:
+        if conn.registered and (not self.stopping or self.link.up):
             self.link.send(ConnClose(session.app.id, session.socket_id))
 
     def ask_subscribe(self, conn: Connection, message: Subscribe) -> None:
@@ -332,9 +333,11 @@ class Worker:
         conn.socket_id = socket_id
         conn.app_id = app.id
         if not app.max_connections:
-            self.link.send(ConnOpen(0, app.id, socket_id, 0))
+            # No quota: the broker learns of the connection from its first subscribe or
+            # sign-in (a connection that does neither costs the broker nothing).
             self._established(conn, app)
             return
+        conn.registered = True
 
         def answered(body: dict[str, Any] | None) -> None:
             if conn.phase != OPENING:
