@@ -89,7 +89,7 @@ class ChannelState:
     per_worker: dict[bytes, int] = field(default_factory=dict)
     count: int = 0
     #: presence only: user id -> {socket_id: user_info}
-    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    members: dict[str, dict[str, Any]] | None = None
     last_count_sent: float = 0.0
 
 
@@ -224,7 +224,7 @@ class ClusterState:
         if msg.member is not None:
             user_id = str(msg.member[0])
             state = self.channels.get(key)
-            members = state.members if state is not None else {}
+            members = (state.members if state is not None else None) or {}
             if user_id not in members and len(members) >= msg.max_members > 0:
                 return [(identity, Reply(msg.rid, {
                     "ok": False, "type": "LimitReached",
@@ -236,6 +236,8 @@ class ClusterState:
             if info.presence is None:
                 info.presence = {}
             info.presence[msg.channel] = user_id
+            if state.members is None:
+                state.members = {}
             connections = state.members.get(user_id)
             if connections is None:
                 state.members[user_id] = {msg.socket_id: msg.member[1]}
@@ -263,8 +265,9 @@ class ClusterState:
 
     @staticmethod
     def _roster(state: ChannelState) -> dict[str, Any]:
-        ids = list(state.members)
-        hash_ = {uid: next(iter(conns.values())) for uid, conns in state.members.items()}
+        members = state.members or {}
+        ids = list(members)
+        hash_ = {uid: next(iter(conns.values())) for uid, conns in members.items()}
         return {"ids": ids, "hash": hash_, "count": len(ids)}
 
     def _join(self, identity: bytes, key: tuple[str, str], socket_id: str,
@@ -301,11 +304,12 @@ class ClusterState:
             state.per_worker.pop(info.worker, None)
         state.count -= 1
         user_id = info.presence.pop(channel, None) if info.presence else None
-        connections = state.members.get(user_id) if user_id is not None else None
-        if connections is not None and user_id is not None:
+        members = state.members
+        connections = members.get(user_id) if user_id is not None and members else None
+        if connections is not None and members is not None and user_id is not None:
             connections.pop(socket_id, None)
             if not connections:
-                del state.members[user_id]
+                del members[user_id]
                 out += self._route(app_id, channel, socket_id,
                                    frames.member_removed(channel, user_id))
                 self._webhook(app_id, {"name": "member_removed", "channel": channel,
@@ -457,7 +461,7 @@ class ClusterState:
         state = self.channels.get((app_id, channel))
         if state is None:
             return {"subscription_count": 0, "user_count": 0}
-        return {"subscription_count": state.count, "user_count": len(state.members)}
+        return {"subscription_count": state.count, "user_count": len(state.members or ())}
 
     def _answer(self, msg: Query, now: float) -> dict[str, Any]:
         app_id, args = msg.app, msg.args
@@ -480,7 +484,7 @@ class ClusterState:
             return {"occupied": counts["subscription_count"] > 0, **counts, "cache": cache}
         if msg.kind == "users":
             state = self.channels.get((app_id, str(args["channel"])))
-            return {"users": list(state.members) if state is not None else []}
+            return {"users": list(state.members or ()) if state is not None else []}
         if msg.kind == "counts":
             return {"channels": {str(c): self._counts(app_id, str(c)) for c in args["channels"]}}
         if msg.kind == "user":

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -118,6 +119,10 @@ class Supervisor:
         if self.own_broker:
             self.children.append(Child("broker", -1))
         self.children += [Child("worker", i) for i in range(s.workers)]
+        # Children share the supervisor's heap copy-on-write; keep the collector from
+        # touching (and so un-sharing) those pages in every child.
+        gc.collect()
+        gc.freeze()
         for child in self.children:
             self._spawn(child)
 
