@@ -112,7 +112,7 @@ class Broker:
             return
         out: Out
         if isinstance(message, Publish):
-            out = state.publish(message, now)
+            out = state.publish(identity, message, now)
         elif isinstance(message, Subscribe):
             out = state.subscribe(identity, message)
         elif isinstance(message, Unsubscribe):

@@ -391,12 +391,14 @@ class ClusterState:
 
     # --- traffic ------------------------------------------------------------------
 
-    def publish(self, msg: Publish, now: float) -> Out:
+    def publish(self, identity: bytes, msg: Publish, now: float) -> Out:
         if msg.cache_ttl > 0:
             self.cache[(msg.app, msg.channel)] = CacheEntry(msg.payload, now + msg.cache_ttl)
-        return self._route(msg.app, msg.channel, msg.exclude, msg.payload)
+        return self._route(msg.app, msg.channel, msg.exclude, msg.payload,
+                           origin=identity if msg.local_first else None)
 
-    def _route(self, app_id: str, channel: str, exclude: str, payload: bytes) -> Out:
+    def _route(self, app_id: str, channel: str, exclude: str, payload: bytes,
+               origin: bytes | None = None) -> Out:
         state = self.channels.get((app_id, channel))
         if state is None:
             return []
@@ -408,7 +410,8 @@ class ClusterState:
             if info is not None and state.per_worker.get(info.worker) == 1 \
                     and channel in info.channels:
                 skip = info.worker
-        return [(worker, message) for worker in state.per_worker if worker != skip]
+        return [(worker, message) for worker in state.per_worker
+                if worker != skip and worker != origin]
 
     # --- subscription counts ------------------------------------------------------
 

@@ -65,7 +65,7 @@ def test_publish_goes_once_to_each_worker_with_subscribers() -> None:
     for worker, sid in ((W1, "1.1"), (W1, "1.2"), (W2, "2.1")):
         connect(state, worker, sid)
         sub(state, worker, sid, "news")
-    out = state.publish(Publish("1", "news", "1.1", 0, b'{"event":"e"}'), 0)
+    out = state.publish(W1, Publish("1", "news", "1.1", 0, b'{"event":"e"}'), 0)
     assert sorted(w for w, _ in out) == [W1, W2]  # W3 has nobody; W1 once for two sockets
     assert all(m == Deliver("1", "news", "1.1", b'{"event":"e"}') for _, m in out)
 
@@ -81,7 +81,7 @@ def test_occupied_and_vacated_follow_the_cluster_count() -> None:
     assert hooks(state) == []
     state.conn_close(W2, ConnClose("1", "2.1"))
     assert hooks(state) == [{"name": "channel_vacated", "channel": "news"}]
-    assert state.publish(Publish("1", "news", "", 0, b"{}"), 0) == []
+    assert state.publish(W1, Publish("1", "news", "", 0, b"{}"), 0) == []
 
 
 def test_unsubscribe_of_unknown_channel_changes_nothing() -> None:
@@ -147,7 +147,7 @@ def test_cache_channel_keeps_the_last_publish_with_ttl() -> None:
     assert miss[-1][1].body == {"ok": True, "cache": None}
     assert {"name": "cache_miss", "channel": "cache-x"} in hooks(state)
     payload = b'{"event":"e","channel":"cache-x","data":"d"}'
-    state.publish(Publish("1", "cache-x", "", 60.0, payload), now=100.0)
+    state.publish(W1, Publish("1", "cache-x", "", 60.0, payload), now=100.0)
     hit = sub(state, W1, "1.2", "cache-x", rid=2)
     assert hit[-1][1].body == {"ok": True, "cache": payload.decode()}
     info = state.query(W1, Query(3, "1", "channel", {"channel": "cache-x"}), now=130.0)
@@ -173,7 +173,7 @@ def test_sign_in_binds_the_user_channel_and_terminate_finds_every_tab() -> None:
     state.sign_in(W1, SignIn("1", "1.1", "u", []))
     state.sign_in(W2, SignIn("1", "2.1", "u", []))
     sub(state, W2, "2.2", "presence-r", ["u", None])  # presence-only identity: untouched
-    out = state.publish(Publish("1", "#server-to-user-u", "", 0, b"{}"), 0)
+    out = state.publish(W1, Publish("1", "#server-to-user-u", "", 0, b"{}"), 0)
     assert sorted(w for w, _ in out) == [W1, W2]
     terms = state.terminate_user(TerminateUser("1", "u"))
     assert sorted((w, m.socket_ids) for w, m in terms) == [(W1, ["1.1"]), (W2, ["2.1"])]
@@ -260,3 +260,14 @@ def test_queries() -> None:
     assert ask("counts", {"channels": ["news"]}) == {
         "channels": {"news": {"subscription_count": 1, "user_count": 0}}}
     assert "error" in ask("bogus", {})
+
+
+def test_local_first_publishes_skip_the_origin_worker() -> None:
+    state = cluster()
+    for worker, sid in ((W1, "1.1"), (W1, "1.2"), (W2, "2.1")):
+        connect(state, worker, sid)
+        sub(state, worker, sid, "private-chat")
+    out = state.publish(W1, Publish("1", "private-chat", "1.1", 0, b"{}", True), 0)
+    assert [w for w, _ in out] == [W2]  # W1 delivered to 1.2 itself
+    out = state.publish(W1, Publish("1", "private-chat", "", 0, b"{}"), 0)
+    assert sorted(w for w, _ in out) == [W1, W2]

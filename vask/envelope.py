@@ -168,6 +168,8 @@ class Publish(Verb):
 
     ``payload`` is the complete client-facing JSON text, encoded once at the origin.
     ``cache_ttl`` > 0 asks the broker to keep it as the channel's cached event.
+    ``local_first``: the origin worker already delivered it to its own subscribers
+    (client events); route it to the other workers only.
     """
 
     VERB = b"PUB"
@@ -177,6 +179,7 @@ class Publish(Verb):
     exclude: str
     cache_ttl: float
     payload: bytes
+    local_first: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -422,7 +422,9 @@ class PusherSession:
         if self.rate_count > app.max_client_events_per_second:
             return [Send(frames.error(4301, "Client event rejected due to rate limit", where))]
         payload = frames.event(event, where, data, member or None)
-        return [Tell(Publish(app.id, where, self.socket_id, 0.0, payload))]
+        # Client events go to this worker's subscribers at once and through the broker
+        # to the others (local_first): no broker round trip for the local audience.
+        return [Tell(Publish(app.id, where, self.socket_id, 0.0, payload, True))]
 
     # --- end ----------------------------------------------------------------------
 

@@ -27,7 +27,9 @@ from websockets.server import ServerProtocol
 from websockets.utils import accept_key
 
 from vask import frames
+from vask.envelope import Publish
 from vask.session import Ask, Bind, Close, PusherSession, Send, Tell
+from vask.workers.wsframe import text_frame
 
 if TYPE_CHECKING:
     from vask.workers.server import Worker
@@ -341,7 +343,11 @@ class Connection(asyncio.Protocol):
                 self.queue(action.frame)
             elif isinstance(action, Tell):
                 self.registered = True
-                worker.link.send(action.message)
+                message = action.message
+                if isinstance(message, Publish) and message.local_first:
+                    worker.fan_out(message.app, message.channel, message.exclude,
+                                   text_frame(message.payload))
+                worker.link.send(message)
             elif isinstance(action, Bind):
                 worker.bind(self, action.channel, action.on)
             elif isinstance(action, Ask):
