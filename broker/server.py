@@ -19,7 +19,6 @@ import zmq
 from vask import envelope
 from vask.broker.state import ClusterState, Out
 from vask.config import Settings
-from vask.process import die_with_parent
 from vask.envelope import (
     Bye,
     ConnClose,
@@ -35,6 +34,7 @@ from vask.envelope import (
     TerminateUser,
     Unsubscribe,
 )
+from vask.process import die_with_parent
 
 log = logging.getLogger("vask.broker")
 
@@ -54,7 +54,7 @@ class Broker:
         self.endpoint = endpoint
         self.epoch = time.time_ns() // 1000
         self.state = ClusterState(settings, self.epoch)
-        self.context = zmq.Context.instance()
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)

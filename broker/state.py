@@ -127,9 +127,9 @@ class ClusterState:
             out += self.purge(identity)  # a restarted worker reusing its identity
         for other in self.workers.values():
             if other.prefix == msg.prefix:
-                return out + [(identity, Welcome(False, self.epoch, "socket id prefix in use"))]
+                return [*out, (identity, Welcome(False, self.epoch, "socket id prefix in use"))]
         self.workers[identity] = WorkerInfo(identity, msg.worker, msg.epoch, msg.prefix, now)
-        return out + [(identity, Welcome(True, self.epoch, ""))]
+        return [*out, (identity, Welcome(True, self.epoch, ""))]
 
     def seen(self, identity: bytes, now: float) -> bool:
         """Note a sign of life; ``False`` if the worker is unknown (it must resync)."""

@@ -59,10 +59,8 @@ class Server:
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -92,13 +90,13 @@ def run_vask(workers: int = 2, config: str | None = None, env: dict[str, str] | 
              startup_timeout: float = 30.0, extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
     """Context manager: a running ``vask run --workers N`` on a free port."""
     port = free_port()
-    log_file = tempfile.NamedTemporaryFile(prefix="vask-test-", suffix=".log", delete=False)
+    log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the server writes to it
+        prefix="vask-test-", suffix=".log", delete=False)
     args = [sys.executable, "-m", "vask.cli", "run", "--host", "127.0.0.1", "--port", str(port),
             "--workers", str(workers), *extra_args]
     if config is not None:
-        cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-        cfg.write(config)
-        cfg.close()
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg:
+            cfg.write(config)
         args += ["--config", cfg.name]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VASK_")}
     full_env.update(env or {})

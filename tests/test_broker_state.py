@@ -107,7 +107,7 @@ def test_presence_member_events_across_workers() -> None:
     assert {w for w, *_ in adds} == {W1}
     assert all(ex == "2.1" and f["event"] == "pusher_internal:member_added" for _, _, ex, f in adds)
     assert orjson.loads(adds[0][3]["data"]) == {"user_id": "bob", "user_info": None}
-    reply = [m for _, m in out if isinstance(m, Reply)][0]
+    reply = next(m for _, m in out if isinstance(m, Reply))
     assert reply.body["presence"]["count"] == 2
     assert reply.body["presence"]["hash"] == {"ada": {"n": 1}, "bob": None}
     # Bob's second tab on W3: no member_added anywhere

@@ -21,6 +21,9 @@ import pytest
 import requests
 from pusher.errors import PusherBadAuth, PusherBadRequest, PusherBadStatus, PusherForbidden
 from pusher.http import process_response
+
+from vask.config import App, Settings
+from vask.envelope import Publish, TerminateUser, Verb
 from vask.workers.http_api import (
     CONTENT_TYPE,
     ApiContext,
@@ -30,9 +33,6 @@ from vask.workers.http_api import (
     handle_api,
     reset_rate_limits,
 )
-
-from vask.config import App, Settings
-from vask.envelope import Publish, TerminateUser, Verb
 
 KEY = "278d425bdf160c739803"
 SECRET = "7ad3773142a6692b25b8"

@@ -192,7 +192,8 @@ def test_full_presence_channel_is_reported_and_not_subscribed() -> None:
     s = session()
     actions = subscribe(s, "presence-r", '{"user_id":"1"}')
     done = settle(s, actions, {"ok": False, "type": "LimitReached", "status": 4100,
-                               "error": "The maximum members per presence channel limit was reached"})
+                               "error": "The maximum members per presence channel limit "
+                                        "was reached"})
     (frame,) = sent(done)
     assert frame["data"] == {"type": "LimitReached", "status": 4100,
                              "error": "The maximum members per presence channel limit was reached"}
@@ -277,7 +278,8 @@ def test_signin_problems(user_data: dict[str, Any], problem: str) -> None:
 def test_signin_bad_signature() -> None:
     s = session()
     (frame,) = sent(feed(s, {"event": "pusher:signin",
-                             "data": {"auth": "278d425bdf160c739803:00", "user_data": '{"id":"1"}'}}))
+                             "data": {"auth": "278d425bdf160c739803:00",
+                                      "user_data": '{"id":"1"}'}}))
     assert frame["data"]["code"] == 4009 and s.user_id is None
 
 

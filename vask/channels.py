@@ -77,7 +77,9 @@ def name_problem(channel: object, max_length: int) -> str | None:
         return "The channel name must be a non-empty string."
     if len(channel) > max_length:
         return f"The channel name is longer than the allowed {max_length} characters."
-    name = channel[len(USER_CHANNEL_PREFIX):] if channel.startswith(USER_CHANNEL_PREFIX) else channel
+    name = channel
+    if channel.startswith(USER_CHANNEL_PREFIX):
+        name = channel[len(USER_CHANNEL_PREFIX):]
     if not _NAME_RE.fullmatch(name):
         return (
             f"The channel name {channel!r} is not allowed: use only letters, digits "

@@ -335,7 +335,8 @@ def load_settings(
             raise ConfigError(f"config: cannot read {path!r} ({exc.strerror})") from None
         unknown = set(data) - {"server", "apps"}
         if unknown:
-            raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key (use [server], [[apps]])")
+            raise ConfigError(
+                f"{sorted(unknown)[0]}: unknown top-level key (use [server], [[apps]])")
         server = data.get("server", {})
         if not isinstance(server, dict):
             raise ConfigError("server: expected a table")

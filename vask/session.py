@@ -157,7 +157,7 @@ class PusherSession:
 
     # --- inbound messages ---------------------------------------------------------
 
-    def receive(self, text: bytes | str, now: float) -> list[Action]:
+    def receive(self, text: bytes | bytearray | memoryview | str, now: float) -> list[Action]:
         """Apply the rules to one inbound text message."""
         try:
             message = orjson.loads(text)
@@ -259,7 +259,8 @@ class PusherSession:
         if len(channel_data.encode()) > self.app.max_presence_member_bytes:
             return self._sub_error(
                 channel, "LimitReached",
-                f"The maximum size for a channel member is {self.app.max_presence_member_size_kb:g} KB.",
+                "The maximum size for a channel member is "
+                f"{self.app.max_presence_member_size_kb:g} KB.",
                 4301), None
         try:
             parsed = orjson.loads(channel_data)

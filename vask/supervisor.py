@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -154,14 +155,10 @@ class Supervisor:
     def run(self) -> int:
         try:
             while not self.stopping:
-                try:
+                with contextlib.suppress(InterruptedError):
                     select.select([self.wake_r], [], [], 0.5)
-                except InterruptedError:
-                    pass
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 4096)
-                except BlockingIOError:
-                    pass
                 if self.reload_asked:
                     self.reload_asked = False
                     log.warning("SIGHUP: configuration reload is not supported yet; "
@@ -215,10 +212,8 @@ class Supervisor:
         if not self.own_broker:
             return  # an external broker notices through missing heartbeats
         name = f"{socket.gethostname()}:{pid}:{child.slot}\n".encode()
-        try:
+        with contextlib.suppress(OSError):
             os.write(self.control_w, name)
-        except OSError:
-            pass
 
     # --- stopping -------------------------------------------------------------------
 
@@ -238,10 +233,8 @@ class Supervisor:
 def _terminate(processes: list[BaseProcess], grace: float) -> None:
     for process in processes:
         if process.is_alive() and process.pid:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
     deadline = time.monotonic() + grace
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))

@@ -12,6 +12,7 @@ callback; one ``call_later`` handle per outstanding request enforces the timeout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -70,7 +71,7 @@ class BrokerLink:
         self.on_message = on_message
         self.on_welcome = on_welcome
         self.loop = asyncio.get_running_loop()
-        self.context = zmq.Context.instance()
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -90,7 +91,8 @@ class BrokerLink:
         self.outbox: list[list[bytes]] = []
         self.closed = False
         self.beat_handle: asyncio.TimerHandle | None = None
-        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self.drain)
+        self.fd: int = self.sock.fileno()
+        self.loop.add_reader(self.fd, self.drain)
 
     # --- state ----------------------------------------------------------------------
 
@@ -128,10 +130,8 @@ class BrokerLink:
         for _, handle in self.pending.values():
             handle.cancel()
         self.pending.clear()
-        try:
-            self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
-        except (ValueError, OSError, zmq.ZMQError):
-            pass
+        with contextlib.suppress(ValueError, OSError, zmq.ZMQError):
+            self.loop.remove_reader(self.fd)
         self.sock.close(linger=BYE_LINGER_MS)
 
     # --- sending --------------------------------------------------------------------
@@ -173,7 +173,8 @@ class BrokerLink:
         self.pending[rid] = (callback, handle)
         self.send(make(rid))
 
-    async def ask(self, make: Callable[[int], Verb], timeout: float | None = None) -> dict[str, Any]:
+    async def ask(self, make: Callable[[int], Verb],
+                  timeout: float | None = None) -> dict[str, Any]:
         """Awaitable :meth:`request`; raises :class:`BrokerUnavailable` on timeout."""
         future: asyncio.Future[dict[str, Any] | None] = self.loop.create_future()
 
@@ -200,7 +201,7 @@ class BrokerLink:
             return
         sock = self.sock
         on_message = self.on_message
-        while sock.getsockopt(_EVENTS) & _POLLIN:
+        while int(sock.getsockopt(_EVENTS)) & _POLLIN:
             try:
                 frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
@@ -238,10 +239,9 @@ class BrokerLink:
                 self.say_hello()
         elif isinstance(message, Welcome):
             self._welcomed(message)
-        elif isinstance(message, Resync):
-            if self.welcomed:
-                log.warning("the broker asked for a resync; replaying this worker's state")
-                self.say_hello()
+        elif isinstance(message, Resync) and self.welcomed:
+            log.warning("the broker asked for a resync; replaying this worker's state")
+            self.say_hello()
 
     def _welcomed(self, message: Welcome) -> None:
         if self.welcomed:

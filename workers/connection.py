@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
 import httptools
 import orjson
 from websockets.exceptions import InvalidState
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.utils import accept_key
@@ -301,12 +302,14 @@ class Connection(asyncio.Protocol):
         ws = self.protocol()
         ws.receive_data(data)
         for frame in ws.events_received():
+            if not isinstance(frame, Frame):  # an OPEN protocol only yields frames
+                continue
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
                 if opcode is _CONT:
                     if self.fragments is None:
                         continue
-                    self.fragments.append(frame.data)
+                    self.fragments.append(bytes(frame.data))
                     if not frame.fin:
                         continue
                     text = b"".join(self.fragments)
@@ -319,7 +322,7 @@ class Connection(asyncio.Protocol):
                 elif not frame.fin:
                     self.fragments = [bytes(frame.data)] if opcode is _TEXT else [_BINARY_MARK]
                 elif opcode is _TEXT:
-                    self._text(frame.data)
+                    self._text(frame.data)  # orjson reads bytes-like data directly
                 else:
                     self._binary()
         self._flush_ws()
@@ -329,7 +332,7 @@ class Connection(asyncio.Protocol):
     def _binary(self) -> None:
         self.queue(frames.error(None, "Binary frames are not supported: send JSON text frames"))
 
-    def _text(self, text: bytes) -> None:
+    def _text(self, text: bytes | bytearray | memoryview) -> None:
         session = self.session
         if session is None or self.phase != OPEN:
             return  # nothing is accepted before connection_established
@@ -367,10 +370,9 @@ class Connection(asyncio.Protocol):
             else:  # websockets signals "close the TCP connection" with b""
                 transport.close()
                 return
-        if ws.state is State.CLOSED or (ws.close_expected() and self.phase == OPEN):
-            if self.phase == OPEN:
-                self.phase = CLOSING
-                self.closing_since = self.worker.clock
+        if self.phase == OPEN and (ws.state is State.CLOSED or ws.close_expected()):
+            self.phase = CLOSING
+            self.closing_since = self.worker.clock
 
     # --- writing -------------------------------------------------------------------------
 
@@ -397,10 +399,8 @@ class Connection(asyncio.Protocol):
         self.worker.flush_one(self)
         self.phase = CLOSING
         self.closing_since = self.worker.clock
-        try:
+        with contextlib.suppress(InvalidState):
             ws.send_close(code, reason)
-        except InvalidState:
-            pass
         self._flush_ws()
 
     def abort(self) -> None:

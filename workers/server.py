@@ -27,7 +27,6 @@ from vask.envelope import (
     ConnOpen,
     Deliver,
     DeliverTo,
-    Publish,
     SignIn,
     Subscribe,
     Terminate,
@@ -186,20 +185,17 @@ class Worker:
         if on:
             if members is None:
                 index[key] = conn
-            elif type(members) is Connection:
-                if members is not conn:
-                    index[key] = {members, conn}
-            else:
-                members.add(conn)  # type: ignore[union-attr]
-        elif members is not None:
-            if type(members) is Connection:
-                if members is conn:
-                    del index[key]
-                    self.confirmed.discard(key)
-            else:
-                members.discard(conn)  # type: ignore[union-attr]
-                if len(members) == 1:  # type: ignore[arg-type]
-                    index[key] = next(iter(members))  # type: ignore[call-overload]
+            elif isinstance(members, set):
+                members.add(conn)
+            elif members is not conn:
+                index[key] = {members, conn}
+        elif isinstance(members, set):
+            members.discard(conn)
+            if len(members) == 1:
+                index[key] = next(iter(members))
+        elif members is conn:
+            del index[key]
+            self.confirmed.discard(key)
 
     def local_subscribers(self, app_id: str, channel: str) -> list[Connection]:
         members = self.index.get((app_id, channel))

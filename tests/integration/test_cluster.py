@@ -90,7 +90,7 @@ def test_presence_members_across_workers(server: Server) -> None:
         await clients[0].close()
         # u8 leaves: everyone remaining sees exactly that
         await clients[8].close()
-        for client in clients[1:8] + [tab]:
+        for client in [*clients[1:8], tab]:
             await client.wait(lambda f: f.get("event") == "pusher_internal:member_removed")
         await asyncio.sleep(0.5)
         for client in clients[1:8]:
@@ -98,7 +98,7 @@ def test_presence_members_across_workers(server: Server) -> None:
             assert "u0" not in member_ids(client, "pusher_internal:member_added", channel)[-1:]
         users = sdk(server).users_info(channel)
         assert sorted(u["id"] for u in users["users"]) == sorted(f"u{i}" for i in range(8))
-        await close_all(clients[1:8] + [tab])
+        await close_all([*clients[1:8], tab])
 
     run(go())
 
@@ -206,7 +206,7 @@ def test_connection_quota_is_exact_across_workers(server: Server) -> None:
         await clients[0].close()
         await asyncio.sleep(0.3)
         again = await PusherClient.connect(url)
-        await close_all(clients[1:] + [again])
+        await close_all([*clients[1:], again])
 
     run(go())
 
@@ -261,7 +261,7 @@ def test_cache_channel_across_workers(server: Server) -> None:
             frame = await client.wait_for("score", "cache-scores")
             index = client.frames.index(frame)
             assert client.frames[index - 1]["event"] == "pusher_internal:subscription_succeeded"
-        await close_all(clients + [empty])
+        await close_all([*clients, empty])
 
     run(go())
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pusher
 import pytest
 
-from tests.pusher_client import PusherClient, close_all, connect_many
+from tests.pusher_client import close_all, connect_many
 from tests.servers import APP_ID, APP_KEY, APP_SECRET, Server, run_vask
 from vask.signing import body_md5, http_string_to_sign, sign
 
@@ -42,7 +42,8 @@ def signed_request(method: str, path: str, body: bytes = b"", keep_alive: bool =
     return head.encode() + b"\r\n" + body
 
 
-def read_responses(sock: socket.socket, count: int, timeout: float = 10.0) -> list[tuple[int, dict]]:
+def read_responses(sock: socket.socket, count: int,
+                   timeout: float = 10.0) -> list[tuple[int, dict]]:
     sock.settimeout(timeout)
     data = b""
     out: list[tuple[int, dict]] = []

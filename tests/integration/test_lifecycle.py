@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -52,10 +53,8 @@ def run(coro: object) -> object:
 async def first_frame_and_close(url: str) -> tuple[dict[str, object], int | None, str | None]:
     async with websockets.connect(url, open_timeout=10) as ws:
         frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        try:
+        with contextlib.suppress(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 10)
-        except websockets.ConnectionClosed:
-            pass
         rcvd = ws.protocol.close_rcvd
         return frame, (rcvd.code if rcvd else None), (rcvd.reason if rcvd else None)
 
