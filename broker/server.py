@@ -100,6 +100,7 @@ class Broker:
 
     def handle_one(self, identity: bytes, message: envelope.Verb, now: float) -> None:
         state = self.state
+        state.now = now
         if isinstance(message, Hello):
             self.send(state.hello(identity, message, now))
             return

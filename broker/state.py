@@ -104,6 +104,8 @@ class ClusterState:
 
     def __init__(self, settings: Settings, epoch: int) -> None:
         self.epoch = epoch
+        #: the time of the message being handled (set by the broker loop)
+        self.now = 0.0
         self.apps: dict[str, App] = {app.id: app for app in settings.apps}
         self.workers: dict[bytes, WorkerInfo] = {}
         self.sockets: dict[tuple[str, str], SocketInfo] = {}
@@ -229,7 +231,7 @@ class ClusterState:
                 return [(identity, Reply(msg.rid, {
                     "ok": False, "type": "LimitReached",
                     "error": "The maximum members per presence channel limit was reached",
-                    "status": 4100}))]
+                    "status": 4100}))] if msg.rid else []
         state = self._join(identity, key, msg.socket_id, info)
         if msg.member is not None:
             user_id = str(msg.member[0])
@@ -258,6 +260,8 @@ class ClusterState:
             body["presence"] = self._roster(self.channels[key])
         if kind_of(msg.channel).cache:
             entry = self.cache.get(key)
+            if entry is not None and entry.expires <= self.now:
+                entry = None  # expired, not yet swept
             body["cache"] = entry.payload.decode() if entry is not None else None
             if entry is None:
                 self._webhook(msg.app, {"name": "cache_miss", "channel": msg.channel})

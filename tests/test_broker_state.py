@@ -148,10 +148,14 @@ def test_cache_channel_keeps_the_last_publish_with_ttl() -> None:
     assert {"name": "cache_miss", "channel": "cache-x"} in hooks(state)
     payload = b'{"event":"e","channel":"cache-x","data":"d"}'
     state.publish(W1, Publish("1", "cache-x", "", 60.0, payload), now=100.0)
+    state.now = 101.0
     hit = sub(state, W1, "1.2", "cache-x", rid=2)
     assert hit[-1][1].body == {"ok": True, "cache": payload.decode()}
     info = state.query(W1, Query(3, "1", "channel", {"channel": "cache-x"}), now=130.0)
     assert info[0][1].body["cache"] == {"event": "e", "data": "d", "ttl": 30.0}
+    connect(state, W1, "1.3")
+    state.now = 161.0  # expired but not yet swept: a miss all the same
+    assert sub(state, W1, "1.3", "cache-x", rid=4)[-1][1].body == {"ok": True, "cache": None}
     state.expire_cache(160.0)
     assert ("1", "cache-x") not in state.cache
 
