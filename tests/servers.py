@@ -111,3 +111,12 @@ def run_vask(workers: int = 2, config: str | None = None, env: dict[str, str] | 
         raise
     finally:
         server.stop()
+
+
+def process_name(pid: int) -> str:
+    """``/proc/PID/comm``: children name themselves vask-broker / vask-worker-N."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

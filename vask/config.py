@@ -37,19 +37,24 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the key and what is wrong with it."""
 
 
+#: webhook events sent unless an endpoint lists its own (spec §9.2); subscription_count
+#: is opt-in
+DEFAULT_WEBHOOK_EVENTS = (
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Webhook:
     """One webhook endpoint of an app and the events it wants."""
 
     url: str
-    event_types: tuple[str, ...] = (
-        "channel_occupied",
-        "channel_vacated",
-        "member_added",
-        "member_removed",
-        "client_event",
-        "cache_miss",
-    )
+    event_types: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -141,17 +146,7 @@ _SERVER_KEYS = {
     "heartbeat_timeout": float,
     "shutdown_grace": float,
 }
-_WEBHOOK_EVENTS = frozenset(
-    {
-        "channel_occupied",
-        "channel_vacated",
-        "member_added",
-        "member_removed",
-        "client_event",
-        "cache_miss",
-        "subscription_count",
-    }
-)
+_WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 
 
 def _coerce(where: str, value: Any, kind: type) -> Any:

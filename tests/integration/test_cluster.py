@@ -16,7 +16,7 @@ import pusher
 import pytest
 
 from tests.pusher_client import PusherClient, close_all, connect_many
-from tests.servers import APP_ID, APP_KEY, APP_SECRET, Server, run_vask
+from tests.servers import APP_ID, APP_KEY, APP_SECRET, Server, process_name, run_vask
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,7 +165,7 @@ def test_sigkill_of_a_worker_removes_exactly_its_members() -> None:
             assert len(by_worker) >= 2
             for n, client in enumerate(clients):
                 await client.subscribe("presence-k", json.dumps({"user_id": f"k{n}"}))
-            victims = [p for p in srv.children() if _comm(p).startswith("vask-worker")]
+            victims = [p for p in srv.children() if process_name(p).startswith("vask-worker")]
             os.kill(victims[0], signal.SIGKILL)
             await asyncio.sleep(1.0)
             dead = [c for c in clients if c.closed.done()]
@@ -183,14 +183,6 @@ def test_sigkill_of_a_worker_removes_exactly_its_members() -> None:
             await close_all(alive)
 
         run(go())
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def test_connection_quota_is_exact_across_workers(server: Server) -> None:

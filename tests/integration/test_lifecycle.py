@@ -19,7 +19,7 @@ import pytest
 import websockets
 
 from tests.pusher_client import PusherClient, close_all, connect_many
-from tests.servers import Server, run_vask
+from tests.servers import Server, process_name, run_vask
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -177,7 +177,7 @@ def test_idle_clients_are_pinged_then_closed_with_4201() -> None:
 def test_sigkill_of_a_worker_is_repaired_on_the_same_port() -> None:
     with run_vask(workers=2) as srv:
         before = set(srv.children())
-        workers = [p for p in before if _role(p).startswith("vask-worker")]
+        workers = [p for p in before if process_name(p).startswith("vask-worker")]
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 20
@@ -196,15 +196,6 @@ def test_sigkill_of_a_worker_is_repaired_on_the_same_port() -> None:
 
         run(go())
         assert "restarting" in srv.log()
-
-
-def _role(pid: int) -> str:
-    """Children name themselves vask-broker / vask-worker-N (see vask.process)."""
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def test_sigterm_stops_every_process_and_exits_0() -> None:
