@@ -58,6 +58,8 @@ class Broker:
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Report full queues and unknown peers instead of dropping silently.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # Bounded queues: a stalled worker cannot make the broker buffer without limit.
         self.router.setsockopt(zmq.SNDHWM, QUEUE_LIMIT)
         self.router.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
@@ -86,6 +88,9 @@ class Broker:
                 router.send_multipart([identity, *envelope.encode_batch(box)], _NOBLOCK)
             except zmq.Again:
                 log.warning("dropping %d messages to a worker whose queue is full", len(box))
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone
+                log.info("dropping %d messages to unreachable worker %r: %s",
+                         len(box), identity, exc.strerror)
         self.outboxes = {}
 
     def handle(self, frames: list[bytes], now: float) -> None:

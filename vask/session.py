@@ -22,8 +22,9 @@ Rules (spec sections in brackets):
     - presence: ``channel_data`` JSON with ``user_id`` (string or integer, kept as
       string, ≤ 128 chars), at most ``max_presence_member_size_kb``; a signed-in
       connection may omit it (its ``user_data`` is used);
-    - presence and cache channels ask the broker (roster / cached event / member limit);
-      other channels succeed at once and the broker is told in passing.
+    - every subscribe is an :class:`Ask`: presence and cache channels need the broker's
+      answer (roster / cached event / member limit); for other channels the worker may
+      answer itself when the broker already routes the channel to it.
 * ``pusher:unsubscribe`` of a channel not subscribed is ignored (§13.3).
 * ``pusher:signin`` (§4.4): ``auth`` over ``socket_id::user::user_data``; ``user_data``
   a JSON object with a non-empty ``id``; a connection keeps its first identity; the

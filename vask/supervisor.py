@@ -245,8 +245,10 @@ def _terminate(processes: list[BaseProcess], grace: float) -> None:
 
 def _child_setup(role: str, settings: Settings) -> None:
     set_process_name(f"vask-{role}")
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
+    # a SIGHUP to the process group is for the supervisor, not a reason for children to die
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     setup_logging(settings.log_level, role)
 

@@ -371,8 +371,7 @@ class Connection(asyncio.Protocol):
                 transport.close()
                 return
         if self.phase == OPEN and (ws.state is State.CLOSED or ws.close_expected()):
-            self.phase = CLOSING
-            self.closing_since = self.worker.clock
+            self._closing()
 
     # --- writing -------------------------------------------------------------------------
 
@@ -397,11 +396,17 @@ class Connection(asyncio.Protocol):
         ws = self.protocol()
         self.queue(frames.error(code, reason))
         self.worker.flush_one(self)
-        self.phase = CLOSING
-        self.closing_since = self.worker.clock
+        self._closing()
         with contextlib.suppress(InvalidState):
             ws.send_close(code, reason)
         self._flush_ws()
+
+    def _closing(self) -> None:
+        """The closing handshake started: no data frame may follow a close frame
+        (RFC 6455 §5.5.1), so the connection leaves every channel now."""
+        self.phase = CLOSING
+        self.closing_since = self.worker.clock
+        self.worker.forget(self)
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -209,6 +209,10 @@ class Worker:
         """A connection ended: drop it locally and tell the broker."""
         session = conn.session
         if session is None:
+            if conn.registered and conn.socket_id:
+                # a quota check was sent (and perhaps counted) but never settled
+                conn.registered = False
+                self.link.send(ConnClose(conn.app_id, conn.socket_id))
             return
         conn.session = None
         self.by_socket_id.pop(session.socket_id, None)
