@@ -41,6 +41,7 @@ log = logging.getLogger("vask.worker")
 # plain ints: pyzmq's enum flags cost an enum construction per use on the hot path
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 QUEUE_LIMIT = 200_000  # messages
+DRAIN_LIMIT = 64  # ZeroMQ messages (each possibly a batch) handled per loop turn
 BYE_LINGER_MS = 500
 _CONTROL = (Reply, Heartbeat, Welcome, Resync)
 ReplyCallback = Callable[[dict[str, Any] | None], None]
@@ -60,6 +61,7 @@ class BrokerLink:
         slot: int,
         on_message: Callable[[list[Verb]], None],
         on_welcome: Callable[[bool], None],
+        on_batch: Callable[[bool], None] = lambda corked: None,
     ) -> None:
         self.settings = settings
         self.endpoint = endpoint
@@ -70,6 +72,8 @@ class BrokerLink:
         self.prefix = secrets.randbelow(899_999_999) + 100_000_000
         self.on_message = on_message
         self.on_welcome = on_welcome
+        #: called with True before a multi-message batch is handled and False after
+        self.on_batch = on_batch
         self.loop = asyncio.get_running_loop()
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.context.socket(zmq.DEALER)
@@ -201,17 +205,28 @@ class BrokerLink:
             return
         sock = self.sock
         on_message = self.on_message
+        taken = 0
         while int(sock.getsockopt(_EVENTS)) & _POLLIN:
+            if taken == DRAIN_LIMIT:
+                # Give the loop back (timers, heartbeats, client I/O) and continue on
+                # the next turn; a worker that drained forever under a flood would stop
+                # heartbeating and be purged by the broker.
+                if not self.drain_scheduled:
+                    self.drain_scheduled = True
+                    self.loop.call_soon(self.drain)
+                return
             try:
                 frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 break
+            taken += 1
             try:
                 messages = envelope.decode_many(frames)
             except envelope.EnvelopeError as exc:
                 log.warning("bad message from the broker: %s", exc)
                 continue
             self.last_heard = time.monotonic()
+            self.on_batch(len(messages) > 1)
             # In order: runs of traffic go to the worker together (so it can join
             # deliveries), link-level messages are handled where they stand.
             traffic: list[Verb] = []
@@ -225,6 +240,7 @@ class BrokerLink:
                     traffic.append(message)
             if traffic:
                 on_message(traffic)
+            self.on_batch(False)
 
     def _control(self, message: Verb) -> None:
         """Handle a link-level message: reply, heartbeat, welcome or resync."""

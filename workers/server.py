@@ -73,7 +73,11 @@ class Worker:
         self.clock = time.monotonic()
         self.wall = time.time()
         self.next_socket = 1
-        self.link = BrokerLink(settings, endpoint, slot, self.on_broker_messages, self.on_welcome)
+        self.link = BrokerLink(settings, endpoint, slot, self.on_broker_messages, self.on_welcome,
+                               self.cork)
+        #: True while a multi-message broker batch is handled: fan-out output is corked
+        #: and flushed once at its end, so a subscriber gets one write per batch
+        self.corked = False
         self.welcomed = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
         self.stopping = False
@@ -145,18 +149,34 @@ class Worker:
             else:
                 log.warning("unexpected %s from the broker", type(message).__name__)
 
+    def cork(self, on: bool) -> None:
+        """Start or end a corked broker batch (see :attr:`corked`)."""
+        if on:
+            self.corked = True
+        elif self.corked:
+            self.corked = False
+            self.flush()
+
     def fan_out(self, app_id: str, channel: str, exclude: str, data: bytes) -> None:
         """Write ``data`` (complete frames) to every local subscriber but ``exclude``.
 
         The hot path of a publish: the same bytes go to each connection, written
-        straight away; only a connection that already has corked output queued gets it
-        appended there instead, to keep its order.
+        straight away; a connection that already has corked output queued gets it
+        appended there instead, to keep its order. Inside a multi-message broker batch
+        everything is corked and leaves in one write per connection at the batch's end
+        (a burst of presence joins or events: one syscall per member, not per event).
         """
         targets = self.index.get((app_id, channel))
         if targets is None:
             return
         if type(targets) is Connection:
             targets = (targets,)  # type: ignore[assignment]
+        if self.corked:
+            queue = self.queue
+            for conn in targets:  # type: ignore[union-attr]
+                if conn.socket_id != exclude:
+                    queue(conn, data)
+            return
         limit = self.settings.write_buffer_limit
         for conn in targets:  # type: ignore[union-attr]
             if conn.socket_id == exclude:
