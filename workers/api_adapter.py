@@ -8,6 +8,8 @@ with a timeout, and the raw request pieces from the connection become an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,9 @@ from vask.workers.http_api import ApiRequest, handle_api
 
 if TYPE_CHECKING:
     from vask.workers.server import Worker
+
+
+BACKPRESSURE_WAIT = 5.0  # seconds
 
 
 class ApiAdapter:
@@ -49,7 +54,16 @@ class ApiAdapter:
     async def handle(self, method: str, path: str, query: str,
                      headers: list[tuple[bytes, bytes]], body: bytes,
                      keep_alive: bool) -> bytes:
-        """Run one API request; the complete HTTP response bytes."""
+        """Run one API request; the complete HTTP response bytes.
+
+        A publish (any POST) waits while this worker is behind on deliveries, up to
+        ``BACKPRESSURE_WAIT`` seconds: publishers slow down to what subscribers can take
+        instead of filling queues (and latency) without bound.
+        """
+        caught_up = self.worker.link.caught_up
+        if method == "POST" and not caught_up.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(caught_up.wait(), BACKPRESSURE_WAIT)
         request = ApiRequest(
             method=method,
             path=path,

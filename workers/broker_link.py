@@ -74,6 +74,11 @@ class BrokerLink:
         self.on_welcome = on_welcome
         #: called with True before a multi-message batch is handled and False after
         self.on_batch = on_batch
+        #: clear while messages from the broker wait beyond one loop turn's share
+        #: (the worker is behind on deliveries); the HTTP API waits on it before
+        #: accepting more publishes, which is the publishers' back-pressure
+        self.caught_up = asyncio.Event()
+        self.caught_up.set()
         self.loop = asyncio.get_running_loop()
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.context.socket(zmq.DEALER)
@@ -214,6 +219,7 @@ class BrokerLink:
                 if not self.drain_scheduled:
                     self.drain_scheduled = True
                     self.loop.call_soon(self.drain)
+                self.caught_up.clear()
                 return
             try:
                 frames = sock.recv_multipart(_NOBLOCK)
@@ -241,6 +247,7 @@ class BrokerLink:
             if traffic:
                 on_message(traffic)
             self.on_batch(False)
+        self.caught_up.set()
 
     def _control(self, message: Verb) -> None:
         """Handle a link-level message: reply, heartbeat, welcome or resync."""
