@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from typing import Any
 
 import pytest
 
-SERVER_CMD = os.environ.get("VASK_BENCH_SMOKE_CMD", "vask run --workers 1 --port {port}")
+# The interpreter running the tests, so no `vask` on PATH is needed.
+SERVER_CMD = os.environ.get(
+    "VASK_BENCH_SMOKE_CMD",
+    f"{shlex.quote(sys.executable)} -m vask.cli run --workers 1 --host 127.0.0.1 --port {{port}}")
 # Vask's default app has id "1"; soketi's is "app-id". Override with VASK_BENCH_SMOKE_APP_ID.
 APP_ID = os.environ.get(
     "VASK_BENCH_SMOKE_APP_ID", "app-id" if "VASK_BENCH_SMOKE_CMD" in os.environ else "1"
