@@ -241,6 +241,12 @@ def _stamp_data(pad: int) -> Callable[[int, int], str]:
     return make
 
 
+
+def _fail(out: dict[str, Any], reason: str) -> None:
+    """Mark a scenario result as failed (the run exits non-zero) and say why."""
+    out["ok"] = False
+    out["failures"].append(reason)
+
 async def run_fanout(
     target: Target,
     common: Common,
@@ -268,8 +274,7 @@ async def run_fanout(
         _ok, failed, took, errs = await s.connect(subscribers, channel)
         out["metrics"]["connect_s"] = took
         if failed:
-            out["ok"] = False
-            out["failures"].append(f"{failed} of {subscribers} subscriptions failed")
+            _fail(out, f"{failed} of {subscribers} subscriptions failed")
             out["errors"] = errs
             return out
         pub = Publisher(target.host, target.port, target.app_id, target.key, target.secret,
@@ -306,22 +311,20 @@ async def run_fanout(
         out["resources"]["delivery"] = win.as_dict()
         out["errors"] = pub.errors + r["errors"]
         if r["deliveries"] != expected or not complete:
-            out["ok"] = False
-            out["failures"].append(
+            _fail(
+                out,
                 f"delivery ratio {m['delivery_ratio']:.6f} ({r['deliveries']}/{expected})"
             )
         if r["min_per_conn"] != events or r["max_per_conn"] != events:
-            out["ok"] = False
-            out["failures"].append(
+            _fail(
+                out,
                 f"per-connection deliveries {r['min_per_conn']}..{r['max_per_conn']}, "
                 f"expected exactly {events}"
             )
         if pub.failed:
-            out["ok"] = False
-            out["failures"].append(f"{pub.failed} HTTP triggers failed")
+            _fail(out, f"{pub.failed} HTTP triggers failed")
         if r["unexpected_closes"]:
-            out["ok"] = False
-            out["failures"].append(f"{r['unexpected_closes']} connections closed unexpectedly")
+            _fail(out, f"{r['unexpected_closes']} connections closed unexpectedly")
         return out
 
 
@@ -368,11 +371,10 @@ async def run_idle(
         r = await s.results()
         out["errors"] = errs + r["errors"]
         if failed:
-            out["ok"] = False
-            out["failures"].append(f"{failed} of {connections} connect+subscribe failed")
+            _fail(out, f"{failed} of {connections} connect+subscribe failed")
         if r["unexpected_closes"]:
-            out["ok"] = False
-            out["failures"].append(
+            _fail(
+                out,
                 f"{r['unexpected_closes']} connections closed by the server while idle"
             )
         return out
@@ -395,8 +397,7 @@ async def run_presence(
         m["join_subscribed_s"] = took
         m["join_per_s"] = safe_div(ok, took)
         if failed:
-            out["ok"] = False
-            out["failures"].append(f"{failed} of {members} presence subscriptions failed")
+            _fail(out, f"{failed} of {members} presence subscriptions failed")
             out["errors"] = errs
             return out
         st_box: list[list[dict[str, Any]]] = []
@@ -440,15 +441,12 @@ async def run_presence(
         m["member_added_expected"] = members * (members - 1) // 2
         out["errors"] = r["errors"]
         if not joined or pres["bad_join"]:
-            out["ok"] = False
-            out["failures"].append(f"{pres['bad_join']} members saw an inexact roster+member_added")
+            _fail(out, f"{pres['bad_join']} members saw an inexact roster+member_added")
         if not left or pres["bad_leave"]:
-            out["ok"] = False
-            out["failures"].append(f"{pres['bad_leave']} members saw inexact member_removed")
+            _fail(out, f"{pres['bad_leave']} members saw inexact member_removed")
         out["failures"].extend(pres["samples"][:5] if not out["ok"] else [])
         if r["unexpected_closes"]:
-            out["ok"] = False
-            out["failures"].append(f"{r['unexpected_closes']} connections closed unexpectedly")
+            _fail(out, f"{r['unexpected_closes']} connections closed unexpectedly")
         return out
 
 
@@ -472,8 +470,7 @@ async def run_client_events(
         _ok, failed, took, errs = await s.connect(clients, channel)
         out["metrics"]["connect_s"] = took
         if failed:
-            out["ok"] = False
-            out["failures"].append(f"{failed} of {clients} subscriptions failed")
+            _fail(out, f"{failed} of {clients} subscriptions failed")
             out["errors"] = errs
             return out
         meter = s.meter()
@@ -513,13 +510,13 @@ async def run_client_events(
         out["resources"]["delivery"] = win.as_dict()
         out["errors"] = r["errors"]
         if r["deliveries"] != expected or not complete:
-            out["ok"] = False
-            out["failures"].append(
+            _fail(
+                out,
                 f"delivery ratio {m['delivery_ratio']:.6f} ({r['deliveries']}/{expected})"
             )
         if r["unexpected_closes"] or r["error_count"]:
-            out["ok"] = False
-            out["failures"].append(
+            _fail(
+                out,
                 f"{r['unexpected_closes']} unexpected closes, {r['error_count']} protocol errors"
             )
         return out
