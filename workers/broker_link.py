@@ -6,7 +6,8 @@ edge-triggered and sends can consume the edge, so every send also schedules one 
 drain for the current loop iteration.
 
 Requests (subscribe answers, HTTP API queries, quota checks) carry a request id and a
-callback; one ``call_later`` handle per outstanding request enforces the timeout.
+callback and a deadline; the link's once-a-heartbeat timer expires overdue requests
+(no timer object per request).
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class BrokerLink:
         self.broker_epoch = 0
         self.last_heard = 0.0
         self.next_rid = 1
-        self.pending: dict[int, tuple[ReplyCallback, asyncio.TimerHandle]] = {}
+        #: rid -> (callback, deadline on the monotonic clock)
+        self.pending: dict[int, tuple[ReplyCallback, float]] = {}
         self.drain_scheduled = False
         self.outbox: list[list[bytes]] = []
         self.closed = False
@@ -126,6 +128,7 @@ class BrokerLink:
             self.say_hello()  # also retries a hello the broker never got
         elif time.monotonic() - self.last_heard > self.settings.heartbeat_timeout:
             log.warning("no heartbeat from the broker for %.1fs", self.settings.heartbeat_timeout)
+        self._expire_overdue(time.monotonic())
         self.beat_handle = self.loop.call_later(self.settings.heartbeat_interval, self._beat)
 
     def close(self) -> None:
@@ -136,8 +139,6 @@ class BrokerLink:
         self.closed = True
         if self.beat_handle is not None:
             self.beat_handle.cancel()
-        for _, handle in self.pending.values():
-            handle.cancel()
         self.pending.clear()
         with contextlib.suppress(ValueError, OSError, zmq.ZMQError):
             self.loop.remove_reader(self.fd)
@@ -175,11 +176,8 @@ class BrokerLink:
             return
         rid = self.next_rid
         self.next_rid += 1
-        handle = self.loop.call_later(
-            timeout if timeout is not None else self.settings.broker_timeout,
-            self._expire, rid,
-        )
-        self.pending[rid] = (callback, handle)
+        wait = timeout if timeout is not None else self.settings.broker_timeout
+        self.pending[rid] = (callback, time.monotonic() + wait)
         self.send(make(rid))
 
     async def ask(self, make: Callable[[int], Verb],
@@ -197,10 +195,13 @@ class BrokerLink:
             raise BrokerUnavailable("the broker did not answer in time")
         return body
 
-    def _expire(self, rid: int) -> None:
-        entry = self.pending.pop(rid, None)
-        if entry is not None:
-            entry[0](None)
+    def _expire_overdue(self, now: float) -> None:
+        """Answer ``None`` to requests past their deadline (checked once a heartbeat
+        interval, so a timeout may fire up to that much late)."""
+        overdue = [rid for rid, (_, deadline) in self.pending.items() if deadline <= now]
+        for rid in overdue:
+            callback, _ = self.pending.pop(rid)
+            callback(None)
 
     # --- receiving ------------------------------------------------------------------
 
@@ -254,7 +255,6 @@ class BrokerLink:
         if isinstance(message, Reply):
             entry = self.pending.pop(message.rid, None)
             if entry is not None:
-                entry[1].cancel()
                 entry[0](message.body)
         elif isinstance(message, Heartbeat):
             if self.welcomed and message.epoch != self.broker_epoch:
