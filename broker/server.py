@@ -26,7 +26,6 @@ from vask.envelope import (
     Heartbeat,
     Hello,
     Publish,
-    Purge,
     Query,
     Resync,
     SignIn,
@@ -108,9 +107,6 @@ class Broker:
         state.now = now
         if isinstance(message, Hello):
             self.send(state.hello(identity, message, now))
-            return
-        if isinstance(message, Purge):
-            self.send(state.purge(message.worker.encode()))
             return
         if not state.seen(identity, now):
             # A worker we do not know: we restarted, or purged it while it was stalled.

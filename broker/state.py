@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from vask import frames
-from vask.channels import USER_CHANNEL_PREFIX, kind_of, user_channel
+from vask.channels import kind_of, user_channel
 from vask.config import App, Settings
 from vask.envelope import (
     ENVELOPE_VERSION,
@@ -499,10 +499,3 @@ class ClusterState:
             return {"online": (app_id, user_id) in self.online,
                     "connections": len(self.online.get((app_id, user_id), ()))}
         raise ValueError(f"unknown query kind {msg.kind!r}")
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "workers": len(self.workers),
-            "connections": sum(self.connections.values()),
-            "channels": sum(1 for _, c in self.channels if not c.startswith(USER_CHANNEL_PREFIX)),
-        }

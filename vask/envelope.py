@@ -89,17 +89,6 @@ class Bye(Verb):
 
 
 @dataclass(frozen=True, slots=True)
-class Purge(Verb):
-    """Supervisor -> broker: worker ``worker`` died; purge it without waiting for heartbeats."""
-
-    VERB = b"PURGE"
-    worker: str
-
-
-# --- connections ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
 class ConnOpen(Verb):
     """A connection opened. With ``rid`` > 0 the worker waits for a :class:`Reply`
     ``{"ok": bool}`` (the app has a connection quota)."""
@@ -250,7 +239,7 @@ class Reply(Verb):
 VERBS: dict[bytes, type[Verb]] = {
     cls.VERB: cls
     for cls in (
-        Hello, Welcome, Heartbeat, Resync, Bye, Purge, ConnOpen, ConnClose, Subscribe,
+        Hello, Welcome, Heartbeat, Resync, Bye, ConnOpen, ConnClose, Subscribe,
         Unsubscribe, SignIn, Publish, Deliver, DeliverTo, Terminate, TerminateUser, Query,
         Reply,
     )

@@ -217,14 +217,6 @@ class Worker:
             del index[key]
             self.confirmed.discard(key)
 
-    def local_subscribers(self, app_id: str, channel: str) -> list[Connection]:
-        members = self.index.get((app_id, channel))
-        if members is None:
-            return []
-        if type(members) is Connection:
-            return [members]
-        return list(members)  # type: ignore[arg-type]
-
     def forget(self, conn: Connection) -> None:
         """A connection ended: drop it locally and tell the broker."""
         session = conn.session
