@@ -310,35 +310,31 @@ class Worker:
 
     # --- new connections ------------------------------------------------------------
 
-    def websocket_opened(self, conn: Connection, target: str) -> None:
-        """Apply the connect-time rules (vask-scope §1) to a fresh WebSocket."""
+    def _admit(self, target: str) -> App | tuple[int, str]:
+        """The app a fresh WebSocket on ``target`` joins, or the (code, message) it is
+        rejected with (vask-scope §1)."""
         path, _, query = target.partition("?")
         if not path.startswith("/app/") or "/" in path[5:] or len(path) == 5:
-            conn.phase = OPEN
-            conn.close(4005, "Path not found")
-            return
-        key = unquote(path[5:])
+            return 4005, "Path not found"
         protocol = _query_value(query, "protocol", "7")
         if not protocol.isdigit():
-            conn.phase = OPEN
-            conn.close(4006, "Invalid version string format")
-            return
+            return 4006, "Invalid version string format"
         if not 4 <= int(protocol) <= 7:
-            conn.phase = OPEN
-            conn.close(4007, "Unsupported protocol version")
-            return
-        app = self.apps_by_key.get(key)
+            return 4007, "Unsupported protocol version"
+        app = self.apps_by_key.get(unquote(path[5:]))
         if app is None:
-            conn.phase = OPEN
-            conn.close(4001, "Application does not exist")
-            return
+            return 4001, "Application does not exist"
         if not app.enabled:
-            conn.phase = OPEN
-            conn.close(4003, "Application disabled")
-            return
+            return 4003, "Application disabled"
         if self.stopping:
-            conn.phase = OPEN
-            conn.close(4200, "Server is closing. Please reconnect shortly.")
+            return 4200, "Server is closing. Please reconnect shortly."
+        return app
+
+    def websocket_opened(self, conn: Connection, target: str) -> None:
+        """Admit a fresh WebSocket or reject it: one pusher:error, then that close code."""
+        app = self._admit(target)
+        if isinstance(app, tuple):
+            conn.close(*app)
             return
         socket_id = f"{self.link.prefix}.{self.next_socket}"
         self.next_socket += 1
