@@ -114,6 +114,16 @@ class Settings:
     max_message_bytes: int = 65536
     max_http_body_bytes: int = 1_048_576
     write_buffer_limit: int = 4 * 1_048_576
+    #: per connection outbound bytes above which the worker stops reading from it
+    write_buffer_high: int = 262_144
+    #: ... and below which it reads again
+    write_buffer_low: int = 65_536
+    max_request_head_bytes: int = 16_384
+    max_url_bytes: int = 8_192
+    http_request_timeout: float = 10.0
+    keep_alive_timeout: float = 30.0
+    max_connections_per_worker: int = 0  # 0 = the open-file limit minus headroom
+    max_connections_per_ip: int = 0  # per worker; 0 = unlimited
     broker_timeout: float = 5.0
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
@@ -141,6 +151,14 @@ _SERVER_KEYS = {
     "max_message_bytes": int,
     "max_http_body_bytes": int,
     "write_buffer_limit": int,
+    "write_buffer_high": int,
+    "write_buffer_low": int,
+    "max_request_head_bytes": int,
+    "max_url_bytes": int,
+    "http_request_timeout": float,
+    "keep_alive_timeout": float,
+    "max_connections_per_worker": int,
+    "max_connections_per_ip": int,
     "broker_timeout": float,
     "heartbeat_interval": float,
     "heartbeat_timeout": float,
@@ -281,14 +299,24 @@ def _check_settings(settings: Settings) -> None:
     if settings.activity_timeout < 1:
         raise ConfigError("server.activity_timeout: must be at least 1 second")
     for name in ("pong_timeout", "broker_timeout", "heartbeat_interval", "heartbeat_timeout",
-                 "shutdown_grace"):
+                 "shutdown_grace", "http_request_timeout", "keep_alive_timeout"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"server.{name}: must be greater than 0")
     if settings.heartbeat_timeout <= settings.heartbeat_interval:
         raise ConfigError("server.heartbeat_timeout: must be longer than heartbeat_interval")
-    for name in ("max_message_bytes", "max_http_body_bytes", "write_buffer_limit"):
+    for name in ("max_message_bytes", "max_http_body_bytes", "write_buffer_limit",
+                 "write_buffer_high", "write_buffer_low", "max_request_head_bytes",
+                 "max_url_bytes"):
         if getattr(settings, name) < 1024:
             raise ConfigError(f"server.{name}: must be at least 1024 bytes")
+    if not settings.write_buffer_low < settings.write_buffer_high < settings.write_buffer_limit:
+        raise ConfigError("server.write_buffer_high: must be above write_buffer_low and "
+                          "below write_buffer_limit")
+    if settings.max_url_bytes > settings.max_request_head_bytes:
+        raise ConfigError("server.max_url_bytes: must not exceed max_request_head_bytes")
+    for name in ("max_connections_per_worker", "max_connections_per_ip"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"server.{name}: must be 0 (automatic/unlimited) or more")
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
     seen: dict[str, str] = {}
