@@ -113,3 +113,30 @@ def test_round_trip_through_plain_data(tmp_path: Path) -> None:
                            "webhooks=[{url='http://127.0.0.1:1/h', headers={X='1'}}]\n")
     settings = load_settings(path, env={})
     assert settings_from_dict(settings_to_dict(settings)) == settings
+
+
+def test_connection_subscription_limits_default_and_from_file(tmp_path: Path) -> None:
+    (default,) = load_settings(env={}).apps
+    assert default.max_channels_per_connection == 200
+    assert default.max_subscriptions_per_second == 10
+    path = write(tmp_path, "[[apps]]\nid='1'\nkey='k'\nsecret='s'\n"
+                           "max_channels_per_connection = 0\n"
+                           "max_subscriptions_per_second = 25\n")
+    settings = load_settings(path, env={})
+    (app,) = settings.apps
+    assert (app.max_channels_per_connection, app.max_subscriptions_per_second) == (0, 25)
+    assert settings_from_dict(settings_to_dict(settings)) == settings
+
+
+@pytest.mark.parametrize("key", ["max_channels_per_connection", "max_subscriptions_per_second"])
+@pytest.mark.parametrize(("value", "problem"), [
+    ("-1", "must be 0 (unlimited) or more"), ("1.5", "expected int"), ("true", "expected int"),
+    ("'ten'", "expected int"),
+])
+def test_connection_subscription_limits_are_validated(tmp_path: Path, key: str, value: str,
+                                                      problem: str) -> None:
+    path = write(tmp_path, f"[[apps]]\nid='1'\nkey='k'\nsecret='s'\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert str(info.value).startswith(f"apps[0].{key}: ")
+    assert problem in str(info.value)

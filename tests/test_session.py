@@ -10,7 +10,7 @@ import pytest
 
 from vask.config import App
 from vask.envelope import Publish, SignIn, Subscribe, Unsubscribe
-from vask.session import Ask, Bind, PusherSession, Send, Tell, signed_subscribe
+from vask.session import Ask, Bind, Close, PusherSession, Send, Tell, signed_subscribe
 from vask.signing import sign, user_string
 
 APP = App(id="3", key="278d425bdf160c739803", secret="7ad3773142a6692b25b8",
@@ -34,10 +34,11 @@ def told(actions: list[Any]) -> list[Any]:
     return [a.message for a in actions if isinstance(a, Tell)]
 
 
-def subscribe(s: PusherSession, channel: str, channel_data: str | None = None) -> list[Any]:
+def subscribe(s: PusherSession, channel: str, channel_data: str | None = None,
+              now: float = 1000.0) -> list[Any]:
     """Subscribe; plain channels are settled at once with the broker's {"ok": true}."""
     data = signed_subscribe(s.app, s.socket_id, channel, channel_data)
-    actions = feed(s, {"event": "pusher:subscribe", "data": data})
+    actions = feed(s, {"event": "pusher:subscribe", "data": data}, now)
     asks = [a for a in actions if isinstance(a, Ask)]
     if asks and asks[0].message.member is None and not channel.startswith(
             ("cache-", "private-cache-", "private-encrypted-cache-")):
@@ -373,3 +374,206 @@ def test_replay_lists_settled_subscriptions_with_members() -> None:
     subscribe(s, "cache-pending")
     assert sorted(s.replay_subscriptions(), key=str) == sorted(
         [("news", None), ("presence-r", ["u1", {"a": 1}])], key=str)
+
+
+# --- per-connection subscription limits ---------------------------------------------
+
+
+def sub_error(channel: str, kind: str, error: str, status: int) -> list[Any]:
+    """The exact actions of a refused subscribe."""
+    return [Send(orjson.dumps({"event": "pusher:subscription_error", "channel": channel,
+                               "data": {"type": kind, "error": error, "status": status}}))]
+
+
+def raw_subscribe(s: PusherSession, channel: str, now: float = 1000.0) -> list[Any]:
+    """A signed subscribe, left unsettled."""
+    return feed(s, {"event": "pusher:subscribe",
+                    "data": signed_subscribe(s.app, s.socket_id, channel)}, now)
+
+
+def unsubscribe(s: PusherSession, channel: str, now: float = 1000.0) -> list[Any]:
+    return feed(s, {"event": "pusher:unsubscribe", "data": {"channel": channel}}, now)
+
+
+def asked(actions: list[Any]) -> bool:
+    return [type(a) for a in actions] == [Ask]
+
+
+def test_channel_limit_refuses_the_one_over_and_keeps_the_connection() -> None:
+    s = session(max_channels_per_connection=2, max_subscriptions_per_second=0)
+    subscribe(s, "a")
+    raw_subscribe(s, "private-b")  # still pending: counts too
+    assert raw_subscribe(s, "c") == sub_error(
+        "c", "LimitReached", "Too many channels on one connection: at most 2", 4301)
+    assert set(s.subscriptions) == {"a", "private-b"}
+    unsubscribe(s, "private-b")  # a pending one leaving frees its place
+    assert asked(raw_subscribe(s, "c"))
+
+
+def test_channel_limit_default_is_200_and_named_in_the_error() -> None:
+    s = session()
+    for i in range(200):  # also within the default burst (200 tokens)
+        assert asked(raw_subscribe(s, f"c{i}"))
+    assert raw_subscribe(s, "one-more") == sub_error(
+        "one-more", "LimitReached", "Too many channels on one connection: at most 200", 4301)
+    assert len(s.subscriptions) == 200
+
+
+def test_channel_limit_does_not_count_the_signin_user_channel() -> None:
+    s = session(max_channels_per_connection=2, max_subscriptions_per_second=0)
+    signin(s, {"id": "u1"})
+    ok = feed(s, {"event": "pusher:subscribe", "data": {"channel": "#server-to-user-u1"}})
+    assert sent(ok)[0]["event"] == "pusher_internal:subscription_succeeded"
+    subscribe(s, "a")
+    subscribe(s, "b")
+    assert s.channel_count() == 2 and s.is_subscribed("b")
+    assert sent(raw_subscribe(s, "c"))[0]["data"]["type"] == "LimitReached"
+
+
+def test_channel_limit_zero_is_unlimited() -> None:
+    s = session(max_channels_per_connection=0, max_subscriptions_per_second=0)
+    for i in range(300):
+        subscribe(s, f"c{i}")
+    assert s.channel_count() == 300
+
+
+def test_channel_limit_is_checked_before_the_rate_and_costs_no_token() -> None:
+    # A client at the limit hears the true reason however often it asks, and is not
+    # closed for it: those refusals take no token.
+    s = session(max_channels_per_connection=1, max_subscriptions_per_second=1)
+    subscribe(s, "a")
+    for _ in range(5):
+        assert raw_subscribe(s, "b") == sub_error(
+            "b", "LimitReached", "Too many channels on one connection: at most 1", 4301)
+
+
+RATE_ERROR = "Subscription rate limit exceeded: at most 2 subscribe/unsubscribe per second"
+
+
+def test_subscribe_without_a_token_is_refused_and_not_forwarded() -> None:
+    s = session(max_channels_per_connection=3, max_subscriptions_per_second=2)
+    for channel in ("a", "b", "c"):  # the burst: the bucket holds 3
+        subscribe(s, channel)
+    # No token left, but an unsubscribe is honoured anyway.
+    assert unsubscribe(s, "a") == [Bind("a", False), Tell(Unsubscribe("3", "a", SOCKET))]
+    assert raw_subscribe(s, "private-a") == sub_error(
+        "private-a", "LimitReached", RATE_ERROR, 4301)
+    assert "private-a" not in s.subscriptions and not s.authorized  # auth not even looked at
+    assert sent(raw_subscribe(s, "a", now=1000.49))[0]["data"]["error"] == RATE_ERROR
+    assert asked(raw_subscribe(s, "a", now=1000.5))  # 0.5 s at 2/s refill one token
+
+
+def test_unsubscribe_takes_a_token_when_there_is_one() -> None:
+    s = session(max_channels_per_connection=3, max_subscriptions_per_second=2)
+    subscribe(s, "a")  # 2 tokens left
+    unsubscribe(s, "a")  # 1
+    subscribe(s, "a")  # 0
+    assert told(unsubscribe(s, "a")) == [Unsubscribe("3", "a", SOCKET)]  # none to take
+    assert raw_subscribe(s, "a") == sub_error("a", "LimitReached", RATE_ERROR, 4301)
+
+
+def test_unsubscribe_of_an_unknown_channel_costs_nothing() -> None:
+    s = session(max_channels_per_connection=1, max_subscriptions_per_second=1)
+    for _ in range(10):
+        assert unsubscribe(s, "nope") == []
+    assert asked(raw_subscribe(s, "a"))
+
+
+def test_the_user_channel_ack_costs_no_token() -> None:
+    s = session(max_channels_per_connection=1, max_subscriptions_per_second=1)
+    signin(s, {"id": "u1"})
+    for _ in range(5):
+        feed(s, {"event": "pusher:subscribe", "data": {"channel": "#server-to-user-u1"}})
+        assert unsubscribe(s, "#server-to-user-u1") == []
+    assert asked(raw_subscribe(s, "a"))
+
+
+def test_refill_is_capped_at_the_bucket_size() -> None:
+    s = session(max_channels_per_connection=3, max_subscriptions_per_second=2)
+    subscribe(s, "a", now=0.0)
+    # An hour later the bucket holds 3 tokens, not 7200.
+    unsubscribe(s, "a", now=3600.0)
+    subscribe(s, "a", now=3600.0)
+    unsubscribe(s, "a", now=3600.0)
+    assert raw_subscribe(s, "a", now=3600.0) == sub_error(
+        "a", "LimitReached", RATE_ERROR, 4301)
+
+
+def test_bucket_holds_200_when_channels_are_unlimited() -> None:
+    s = session(max_channels_per_connection=0, max_subscriptions_per_second=1)
+    for i in range(200):
+        assert asked(raw_subscribe(s, f"c{i}"))
+    assert raw_subscribe(s, "c200") == sub_error(
+        "c200", "LimitReached",
+        "Subscription rate limit exceeded: at most 1 subscribe/unsubscribe per second", 4301)
+
+
+def test_zero_rate_is_unlimited() -> None:
+    s = session(max_channels_per_connection=1, max_subscriptions_per_second=0)
+    for _ in range(1000):
+        subscribe(s, "a")
+        unsubscribe(s, "a")
+    assert asked(raw_subscribe(s, "a"))
+
+
+def test_a_clock_set_back_does_not_starve_the_bucket() -> None:
+    s = session(max_channels_per_connection=1, max_subscriptions_per_second=2)
+    subscribe(s, "a", now=5000.0)
+    unsubscribe(s, "a", now=5000.0)  # empty
+    assert sent(raw_subscribe(s, "a", now=1000.0))[0]["data"]["error"] == RATE_ERROR
+    assert asked(raw_subscribe(s, "a", now=1000.5))  # refills from the new reading
+
+
+def drained(rate: int) -> PusherSession:
+    """A session with a bucket of one token, spent at t=1000."""
+    s = session(max_channels_per_connection=1, max_subscriptions_per_second=rate)
+    subscribe(s, "a")
+    unsubscribe(s, "a")
+    return s
+
+
+FLOOD_CLOSE = [Close(4100, "Subscription rate limit exceeded; reconnect later")]
+
+
+def test_more_refusals_within_a_second_than_the_rate_close_with_4100() -> None:
+    s = drained(rate=2)
+    assert raw_subscribe(s, "a") == sub_error("a", "LimitReached", RATE_ERROR, 4301)
+    assert raw_subscribe(s, "a", now=1000.2) == sub_error(
+        "a", "LimitReached", RATE_ERROR, 4301)  # exactly the rate: still only errors
+    assert raw_subscribe(s, "a", now=1000.4) == FLOOD_CLOSE
+
+
+def test_refusal_window_is_one_second_from_its_first_refusal() -> None:
+    s = drained(rate=2)
+    raw_subscribe(s, "a", now=1000.0)  # refusal 1 of the window [1000, 1001)
+    raw_subscribe(s, "a", now=1000.0)  # refusal 2
+    assert asked(raw_subscribe(s, "a", now=1000.9))  # 1.8 tokens refilled, capped at 1
+    unsubscribe(s, "a", now=1000.9)  # the bucket is empty again
+    # 1001.0: 0.2 tokens, a refusal, but in a new window: count 1.
+    assert raw_subscribe(s, "a", now=1001.0) == sub_error(
+        "a", "LimitReached", RATE_ERROR, 4301)
+    assert raw_subscribe(s, "a", now=1001.0) == sub_error(
+        "a", "LimitReached", RATE_ERROR, 4301)
+    assert raw_subscribe(s, "a", now=1001.0) == FLOOD_CLOSE
+
+
+def test_a_presence_join_leave_loop_is_bounded() -> None:
+    # Each join/leave would broadcast to every member: after the burst at most
+    # `rate` of them per second get through, and a client that keeps trying is closed.
+    s = session(max_channels_per_connection=4, max_subscriptions_per_second=2)
+    data = signed_subscribe(s.app, SOCKET, "presence-r", '{"user_id":"u"}')
+    forwarded = 0
+    closed = False
+    for i in range(200):
+        now = 1000.0 + i * 0.01  # 100 attempts per second for 2 s
+        actions = feed(s, {"event": "pusher:subscribe", "data": data}, now)
+        if any(isinstance(a, Close) for a in actions):
+            closed = True
+            break
+        for a in actions:
+            if isinstance(a, Ask):
+                forwarded += 1
+                s.subscribe_answered(a.message, {"ok": True, "presence": {}})
+        unsubscribe(s, "presence-r", now)
+    assert closed
+    assert forwarded == 2  # the bucket (4) paid for join, leave, join, leave

@@ -82,6 +82,8 @@ class App:
     max_event_batch_size: int = 10
     max_watchlist_size: int = 100
     max_backend_events_per_second: int = 0  # 0 = unlimited
+    max_channels_per_connection: int = 200  # 0 = unlimited
+    max_subscriptions_per_second: int = 10  # 0 = unlimited
     cache_ttl: float = 1800.0
     cors_origins: tuple[str, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
@@ -282,7 +284,8 @@ def _check_app(where: str, app: App) -> None:
                  "user_authentication_timeout"):
         if getattr(app, name) <= 0:
             raise ConfigError(f"{where}.{name}: must be greater than 0")
-    for name in ("max_connections", "max_backend_events_per_second"):
+    for name in ("max_connections", "max_backend_events_per_second",
+                 "max_channels_per_connection", "max_subscriptions_per_second"):
         if getattr(app, name) < 0:
             raise ConfigError(f"{where}.{name}: must be 0 (unlimited) or more")
 

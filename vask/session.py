@@ -17,6 +17,11 @@ Rules (spec sections in brackets):
     - already subscribed (or pending) -> ``pusher:error`` "Existing subscription ...";
     - ``#server-to-user-{id}``: acknowledged only for the connection signed in as ``id``
       (sign-in already bound it), else AuthError / 4009;
+    - one more channel than ``max_channels_per_connection`` (pending subscribes count,
+      the sign-in's ``#server-to-user-`` binding does not) -> LimitReached / 4301;
+    - no token left in the subscription bucket (below) -> LimitReached / 4301; more
+      such refusals within one second than ``max_subscriptions_per_second`` -> close
+      4100 (pusher-js reconnects after a back-off);
     - private/presence: ``auth`` must be ``key:HMAC`` of ``socket_id:channel`` or
       ``socket_id:channel:channel_data`` -> else AuthError / 401;
     - presence: ``channel_data`` JSON with ``user_id`` (string or integer, kept as
@@ -25,7 +30,14 @@ Rules (spec sections in brackets):
     - every subscribe is an :class:`Ask`: presence and cache channels need the broker's
       answer (roster / cached event / member limit); for other channels the worker may
       answer itself when the broker already routes the channel to it.
-* ``pusher:unsubscribe`` of a channel not subscribed is ignored (§13.3).
+* ``pusher:unsubscribe`` of a channel not subscribed is ignored (§13.3). Any other
+  unsubscribe is always honoured (refusing it would keep events flowing that the client
+  asked to stop), but takes a token from the subscription bucket when one is there.
+* The subscription bucket: per connection, refilled at ``max_subscriptions_per_second``,
+  holding at most ``max_channels_per_connection`` tokens (200 when that is unlimited), so
+  a reconnecting client can resubscribe everything at once while sustained churn, such as
+  a presence join/leave loop that broadcasts to every member, is bounded. A subscribe
+  pays after the name, duplicate and channel-count checks and before the signature check.
 * ``pusher:signin`` (§4.4): ``auth`` over ``socket_id::user::user_data``; ``user_data``
   a JSON object with a non-empty ``id``; a connection keeps its first identity; the
   watchlist is cut to ``max_watchlist_size`` with a 4302 error.
@@ -38,6 +50,7 @@ Rules (spec sections in brackets):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +63,11 @@ from vask.envelope import Publish, SignIn, Subscribe, Unsubscribe, Verb
 from vask.signing import channel_string, sign, user_string, verify_auth
 
 MAX_USER_ID_LENGTH = 128
+#: subscription bucket size when ``max_channels_per_connection`` is 0 (unlimited)
+DEFAULT_SUBSCRIPTION_BURST = 200
+#: close code for a connection that keeps subscribing without tokens: 4100-4199 makes
+#: pusher-js reconnect after a back-off (Vask closes only with 4000-4299)
+SUBSCRIPTION_FLOOD_CLOSE = 4100
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +150,11 @@ class PusherSession:
         "members",
         "rate_count",
         "rate_second",
+        "refused_count",
+        "refused_since",
         "socket_id",
+        "sub_stamp",
+        "sub_tokens",
         "subscriptions",
         "user_data",
         "user_id",
@@ -155,6 +177,13 @@ class PusherSession:
         self.authorized = False
         self.rate_second = 0
         self.rate_count = 0
+        # The subscription bucket: two floats instead of an object per connection. A
+        # stamp of -inf makes the first take() find the bucket full.
+        self.sub_tokens = 0.0
+        self.sub_stamp = -math.inf
+        #: subscribes refused for want of a token since ``refused_since``
+        self.refused_count = 0
+        self.refused_since = -math.inf
 
     # --- inbound messages ---------------------------------------------------------
 
@@ -176,16 +205,16 @@ class PusherSession:
         if event == "pusher:pong":
             return []
         if event == "pusher:subscribe":
-            return self._subscribe(message.get("data"))
+            return self._subscribe(message.get("data"), now)
         if event == "pusher:unsubscribe":
-            return self._unsubscribe(message.get("data"))
+            return self._unsubscribe(message.get("data"), now)
         if event == "pusher:signin":
             return self._signin(message.get("data"))
         return [Send(frames.error(None, f"Unsupported event {event[:200]!r}"))]
 
     # --- subscribe / unsubscribe --------------------------------------------------
 
-    def _subscribe(self, raw: Any) -> list[Action]:
+    def _subscribe(self, raw: Any, now: float) -> list[Action]:
         data = _data_object(raw)
         if data is None:
             return [Send(frames.error(None, "pusher:subscribe needs data with a 'channel'"))]
@@ -212,6 +241,17 @@ class PusherSession:
                     )
                 )
             ]
+        limit = self.app.max_channels_per_connection
+        # len() first: the exact count (which builds the user channel name) is only
+        # needed near the limit.
+        if limit and len(self.subscriptions) >= limit and self.channel_count() >= limit:
+            return [Send(frames.subscription_error(
+                channel, "LimitReached",
+                f"Too many channels on one connection: at most {limit}", 4301))]
+        # The token is taken before the signature check, so a flood of badly signed
+        # subscribes costs no more HMAC work than the rate allows.
+        if not self._take_token(now):
+            return self._refuse_for_rate(channel, now)
         member: list[Any] | None = None
         if kind.needs_auth:
             refusal, member = self._authorize(channel, kind, data)
@@ -314,7 +354,51 @@ class PusherSession:
             actions.append(Send(cached.encode() if cached else frames.cache_miss(channel)))
         return actions
 
-    def _unsubscribe(self, raw: Any) -> list[Action]:
+    def channel_count(self) -> int:
+        """Subscriptions held against ``max_channels_per_connection``: settled and
+        pending ones, but not the acknowledged ``#server-to-user-`` channel, which the
+        sign-in binds anyway."""
+        count = len(self.subscriptions)
+        if self.user_id is not None and user_channel(self.user_id) in self.subscriptions:
+            count -= 1
+        return count
+
+    def _take_token(self, now: float) -> bool:
+        """Take one token from the subscription bucket; False when it is empty."""
+        rate = self.app.max_subscriptions_per_second
+        if rate <= 0:
+            return True
+        tokens = self.sub_tokens
+        elapsed = now - self.sub_stamp
+        if elapsed > 0:
+            burst = self.app.max_channels_per_connection or DEFAULT_SUBSCRIPTION_BURST
+            tokens = min(float(burst), tokens + elapsed * rate)
+        # Always move the stamp, also backwards: ``now`` is wall time, and a clock set
+        # back must not leave the bucket without refill until it catches up again.
+        self.sub_stamp = now
+        if tokens >= 1.0:
+            self.sub_tokens = tokens - 1.0
+            return True
+        self.sub_tokens = tokens
+        return False
+
+    def _refuse_for_rate(self, channel: str, now: float) -> list[Action]:
+        """A subscribe without a token: an error, or a close for a client that keeps
+        going (more refusals within one second than the rate)."""
+        rate = self.app.max_subscriptions_per_second
+        if not 0 <= now - self.refused_since < 1.0:
+            self.refused_since = now
+            self.refused_count = 0
+        self.refused_count += 1
+        if self.refused_count > rate:
+            return [Close(SUBSCRIPTION_FLOOD_CLOSE,
+                          "Subscription rate limit exceeded; reconnect later")]
+        return [Send(frames.subscription_error(
+            channel, "LimitReached",
+            f"Subscription rate limit exceeded: at most {rate} subscribe/unsubscribe "
+            "per second", 4301))]
+
+    def _unsubscribe(self, raw: Any, now: float) -> list[Action]:
         data = _data_object(raw)
         channel = data.get("channel") if data else None
         if not isinstance(channel, str) or channel not in self.subscriptions:
@@ -323,7 +407,8 @@ class PusherSession:
         if self.members is not None:
             self.members.pop(channel, None)
         if state == _USER_ACK:
-            return []
+            return []  # no broker work, like its subscribe: free
+        self._take_token(now)  # honoured either way; the token only slows down churn
         actions: list[Action] = [Tell(Unsubscribe(self.app.id, channel, self.socket_id))]
         if state != _PENDING:
             actions.insert(0, Bind(channel, False))
