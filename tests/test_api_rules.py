@@ -208,6 +208,18 @@ def test_timestamp_outside_window(skew: int) -> None:
     assert "not within 600s of server time (2012-11-16T17:49:39Z)" in message
 
 
+@pytest.mark.parametrize("ts", [10**14, 10**20, -(10**20), 10**400])
+def test_timestamp_far_outside_any_clock_is_401_not_a_crash(ts: int) -> None:
+    # Such timestamps used to overflow float arithmetic or gmtime, turning an
+    # unauthenticated request into a 500 with a logged traceback.
+    params = signed_params("GET", "/apps/3/channels", ts=ts)
+    with pytest.raises(ApiError) as excinfo:
+        verify_signature(APP, "GET", "/apps/3/channels", params, b"", TS)
+    status, message = error_of(excinfo)
+    assert status == 401 and message.startswith("Timestamp expired: given timestamp (")
+    assert "of server time (2012-11-16T17:49:39Z)" in message
+
+
 def test_body_requires_body_md5() -> None:
     params = signed_params("POST", "/apps/3/events", SPEC_BODY, md5=False)
     with pytest.raises(ApiError) as excinfo:

@@ -8,10 +8,12 @@ exact wire path), proving SDK compatibility without a server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +26,7 @@ from pusher.http import process_response
 
 from vask.config import App, Settings
 from vask.envelope import Publish, TerminateUser, Verb
+from vask.workers.api_adapter import ApiAdapter
 from vask.workers.http_api import (
     CONTENT_TYPE,
     ApiContext,
@@ -739,6 +742,95 @@ def test_cors_wildcard() -> None:
     resp = run(request("GET", "/apps/6/channels", app=ANY_ORIGIN,
                        headers={"origin": "https://anything"}), ctx)
     assert resp.headers == (("Access-Control-Allow-Origin", "*"),)
+
+
+# --- back-pressure: only authenticated publishes wait (workers/api_adapter.py) -------------
+
+
+def behind_adapter() -> tuple[ApiAdapter, asyncio.Event, list[Verb]]:
+    """An ApiAdapter over a fake worker that is behind on deliveries (caught_up clear)."""
+    caught_up = asyncio.Event()
+    sent: list[Verb] = []
+    link = SimpleNamespace(caught_up=caught_up, up=True, send=sent.append)
+    worker: Any = SimpleNamespace(settings=SETTINGS, link=link)
+    return ApiAdapter(worker), caught_up, sent
+
+
+def adapter_call(adapter: ApiAdapter, req: ApiRequest) -> Awaitable[bytes]:
+    headers = [(k.encode(), v.encode()) for k, v in req.headers.items()]
+    return adapter.handle(req.method, req.path, req.query, headers, req.body, True)
+
+
+EVENT = {"name": "e", "channel": "a", "data": "x"}
+
+
+@pytest.mark.parametrize("kind", ["unsigned", "bad signature", "stale", "bad body_md5",
+                                  "unknown app"])
+def test_unauthenticated_post_is_refused_at_once_while_the_worker_is_behind(kind: str) -> None:
+    now = time.time()
+    req = {
+        "unsigned": ApiRequest("POST", "/apps/3/events", "", {}, orjson.dumps(EVENT)),
+        "bad signature": request("POST", "/apps/3/events", EVENT, ts=now,
+                                 app=App(id="3", key=KEY, secret="wrong")),
+        "stale": request("POST", "/apps/3/events", EVENT, ts=now - 3600),
+        "bad body_md5": dataclasses.replace(
+            request("POST", "/apps/3/events", EVENT, ts=now), body=b'{"name":"other"}'),
+        "unknown app": request("POST", "/apps/99/events", EVENT, ts=now),
+    }[kind]
+
+    async def go() -> bytes:
+        adapter, caught_up, sent = behind_adapter()
+        assert not caught_up.is_set()
+        # Far below BACKPRESSURE_WAIT (5 s): answered without waiting at all.
+        response = await asyncio.wait_for(adapter_call(adapter, req), 0.5)
+        assert sent == []
+        return response
+
+    response = asyncio.run(go())
+    status = 404 if kind == "unknown app" else 401
+    assert response.startswith(f"HTTP/1.1 {status} ".encode())
+
+
+def test_invalid_authenticated_post_is_refused_at_once_too() -> None:
+    req = request("POST", "/apps/3/events", {"name": "e", "data": "x"}, ts=time.time())
+
+    async def go() -> bytes:
+        adapter, _, _ = behind_adapter()
+        return await asyncio.wait_for(adapter_call(adapter, req), 0.5)
+
+    assert asyncio.run(go()).startswith(b"HTTP/1.1 400 ")
+
+
+def test_authenticated_publish_waits_until_the_worker_caught_up() -> None:
+    req = request("POST", "/apps/3/events", EVENT, ts=time.time())
+
+    async def go() -> None:
+        adapter, caught_up, sent = behind_adapter()
+        task = asyncio.ensure_future(adapter_call(adapter, req))
+        await asyncio.sleep(0.1)
+        assert not task.done() and sent == []  # held back, nothing published yet
+        caught_up.set()
+        response = await asyncio.wait_for(task, 1)
+        assert response.startswith(b"HTTP/1.1 200 ")
+        assert [type(m) for m in sent] == [Publish]
+
+    asyncio.run(go())
+
+
+def test_authenticated_query_does_not_wait_for_back_pressure() -> None:
+    req = request("GET", "/apps/3/channels/presence-a/users", ts=time.time())
+
+    async def ask(build: Callable[[int], Verb]) -> dict[str, Any]:
+        return {"users": ["u1"]}
+
+    async def go() -> bytes:
+        adapter, _, _ = behind_adapter()
+        adapter.worker.link.ask = ask
+        return await asyncio.wait_for(adapter_call(adapter, req), 0.5)
+
+    response = asyncio.run(go())
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert response.endswith(b'{"users":[{"id":"u1"}]}')
 
 
 # --- the official pusher-http-python SDK --------------------------------------------------

@@ -170,7 +170,12 @@ def _single_params(params: Sequence[tuple[str, str]]) -> dict[str, str]:
 
 
 def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    except (OverflowError, OSError, ValueError):
+        # Beyond what the platform's time_t or calendar holds (any auth_timestamp a
+        # client sends ends up here when it is far off): show the number instead.
+        return str(timestamp)
 
 
 def verify_signature(
@@ -222,7 +227,11 @@ def verify_signature(
             401,
             f"auth_timestamp {auth['auth_timestamp']!r} is not a whole number of seconds.",
         ) from None
-    if abs(now - timestamp) > TIMESTAMP_WINDOW:
+    try:
+        skew = abs(now - timestamp)
+    except OverflowError:  # an integer too large for a float: certainly outside
+        skew = math.inf
+    if skew > TIMESTAMP_WINDOW:
         raise ApiError(
             401,
             f"Timestamp expired: given timestamp ({_iso(timestamp)}) not within "

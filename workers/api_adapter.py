@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from vask.config import Settings
 from vask.envelope import Publish, Query, Verb
 from vask.workers.broker_link import BrokerUnavailable
-from vask.workers.connection import http_response
-from vask.workers.http_api import ApiRequest, handle_api
+from vask.workers.http import http_response
+from vask.workers.http_api import ApiRequest, ApiResponse, accept_api
 
 if TYPE_CHECKING:
     from vask.workers.server import Worker
@@ -56,14 +56,13 @@ class ApiAdapter:
                      keep_alive: bool) -> bytes:
         """Run one API request; the complete HTTP response bytes.
 
-        A publish (any POST) waits while this worker is behind on deliveries, up to
-        ``BACKPRESSURE_WAIT`` seconds: publishers slow down to what subscribers can take
-        instead of filling queues (and latency) without bound.
+        The request is checked first (route, app, signature, body, rate limit), at once.
+        Only then may an accepted publish (any POST) wait while this worker is behind on
+        deliveries, up to ``BACKPRESSURE_WAIT`` seconds: publishers slow down to what
+        subscribers can take instead of filling queues (and latency) without bound. An
+        unauthenticated or invalid request is answered without waiting, so it cannot
+        park here and hold a connection and a task for those seconds.
         """
-        caught_up = self.worker.link.caught_up
-        if method == "POST" and not caught_up.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(caught_up.wait(), BACKPRESSURE_WAIT)
         request = ApiRequest(
             method=method,
             path=path,
@@ -71,5 +70,13 @@ class ApiAdapter:
             headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers},
             body=body,
         )
-        response = await handle_api(request, self)
+        accepted = accept_api(request, self)
+        if isinstance(accepted, ApiResponse):
+            response = accepted
+        else:
+            caught_up = self.worker.link.caught_up
+            if accepted.publishes and not caught_up.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(caught_up.wait(), BACKPRESSURE_WAIT)
+            response = await accepted.run()
         return http_response(response.status, response.body, keep_alive, response.headers)

@@ -1,8 +1,13 @@
 """The Pusher HTTP API endpoints, as the worker calls them (spec §8, vask-scope §4).
 
-The worker's HTTP layer parses a request into an :class:`ApiRequest` and awaits
-:func:`handle_api`, which always returns an :class:`ApiResponse` (it never raises for
-a client's mistake). Everything the API needs from the rest of the process comes
+The worker's HTTP layer parses a request into an :class:`ApiRequest` and answers it in
+two steps. :func:`accept_api` runs at once, without waiting for anything, every check
+that needs no broker: route, app, signature, enabled, body, rate limit. It returns
+either the refusal or an :class:`Accepted` request, whose :meth:`Accepted.run` does
+what is left: publish, or ask the broker. The worker holds an accepted publish back
+while it is behind on deliveries (``ApiAdapter.handle``) between the two steps, so only
+an authenticated request can ever wait. :func:`handle_api` is both steps in one; neither
+raises for a client's mistake. Everything the API needs from the rest of the process comes
 through an :class:`ApiContext`: the settings, a fire-and-forget ``publish``/``send`` to
 the broker, a request/reply ``query`` to the broker and the clock. The rules themselves
 (signatures, body validation, ``info`` attributes) live in :mod:`vask.api_rules`.
@@ -20,8 +25,9 @@ percent-decoded, while the signature covers the raw path as received)::
     POST /users/{user}/terminate_connections         (pusher-http-python; app by auth_key)
 
 Checks run in this order: route (404, 405) → app (404) → signature (401) → app enabled
-(403) → body size and content (400, 413) → backend rate limit (429) → act (503 when the
-broker does not answer a query). Errors are ``{"error": message, "code": status}``.
+(403) → body size and content (400, 413) → backend rate limit (429), all in
+:func:`accept_api`; then act, in :meth:`Accepted.run` (503 when the broker does not
+answer a query). Errors are ``{"error": message, "code": status}``.
 
 Response bodies are JSON, except the empty body of a 204 CORS preflight; the worker adds
 ``Content-Type: application/json`` (:data:`CONTENT_TYPE`) and ``Content-Length``.
@@ -66,10 +72,12 @@ from vask.workers.broker_link import BrokerUnavailable
 
 __all__ = [
     "CONTENT_TYPE",
+    "Accepted",
     "ApiContext",
     "ApiRequest",
     "ApiResponse",
     "BrokerUnavailable",
+    "accept_api",
     "batch_events",
     "channel_info",
     "channel_users",
@@ -147,7 +155,10 @@ class _Call:
     ctx: ApiContext
 
 
-_Handler = Callable[[_Call], Awaitable[ApiResponse]]
+#: what is left of a request once it passed every check: publish, or ask the broker
+_Act = Callable[[], Awaitable[ApiResponse]]
+#: an endpoint: checks the request (raising :class:`ApiError`) and returns its act
+_Handler = Callable[[_Call], _Act]
 
 _OK_EMPTY = ApiResponse(200, b"{}")
 
@@ -238,48 +249,60 @@ def _attributes(channel: str, info: frozenset[str], entry: object) -> dict[str, 
     return out
 
 
-async def _publish_and_answer(call: _Call, event: Event) -> ApiResponse:
+def _publish_and_answer(call: _Call, event: Event) -> _Act:
     _charge(call, len(event.channels))
-    _publish(call.ctx, call.app, event)
-    if not event.info:
-        return _OK_EMPTY  # no broker round trip on the hot path
-    counts = await _counts(call, event.channels)
-    return _json(
-        {"channels": {ch: _attributes(ch, event.info, counts.get(ch)) for ch in event.channels}}
-    )
+
+    async def act() -> ApiResponse:
+        _publish(call.ctx, call.app, event)
+        if not event.info:
+            return _OK_EMPTY  # no broker round trip on the hot path
+        counts = await _counts(call, event.channels)
+        return _json({"channels": {ch: _attributes(ch, event.info, counts.get(ch))
+                                   for ch in event.channels}})
+
+    return act
 
 
 # --- endpoints -----------------------------------------------------------------------
 
 
-async def trigger_events(call: _Call) -> ApiResponse:
+# Each endpoint checks its request at once (raising ApiError) and returns its act, the
+# part that publishes or waits for the broker; see accept_api.
+
+
+def trigger_events(call: _Call) -> _Act:
     """``POST /apps/{app}/events`` (spec §8.3) → ``{}`` or ``{"channels": {…}}``."""
     event = parse_event(call.app, load_json_object(call.request.body))
-    return await _publish_and_answer(call, event)
+    return _publish_and_answer(call, event)
 
 
-async def batch_events(call: _Call) -> ApiResponse:
+def batch_events(call: _Call) -> _Act:
     """``POST /apps/{app}/batch_events`` (spec §8.4) → ``{}`` or index-aligned
     ``{"batch": [{…}, {}, …]}`` when any item asked for ``info``."""
     events = parse_batch(call.app, load_json_object(call.request.body))
     _charge(call, len(events))
-    for event in events:
-        _publish(call.ctx, call.app, event)
-    wanted = [event.channels[0] for event in events if event.info]
-    if not wanted:
-        return _OK_EMPTY
-    counts = await _counts(call, list(dict.fromkeys(wanted)))
-    return _json(
-        {
-            "batch": [
-                _attributes(e.channels[0], e.info, counts.get(e.channels[0])) if e.info else {}
-                for e in events
-            ]
-        }
-    )
+
+    async def act() -> ApiResponse:
+        for event in events:
+            _publish(call.ctx, call.app, event)
+        wanted = [event.channels[0] for event in events if event.info]
+        if not wanted:
+            return _OK_EMPTY
+        counts = await _counts(call, list(dict.fromkeys(wanted)))
+        return _json(
+            {
+                "batch": [
+                    _attributes(e.channels[0], e.info, counts.get(e.channels[0]))
+                    if e.info else {}
+                    for e in events
+                ]
+            }
+        )
+
+    return act
 
 
-async def channels_list(call: _Call) -> ApiResponse:
+def channels_list(call: _Call) -> _Act:
     """``GET /apps/{app}/channels`` (spec §8.5): occupied channels, optionally filtered by
     ``filter_by_prefix``, with ``info=user_count`` (presence prefixes only) and/or
     ``subscription_count``."""
@@ -287,22 +310,26 @@ async def channels_list(call: _Call) -> ApiResponse:
     prefix = query.get("filter_by_prefix", "")
     info = parse_info(query.get("info"), CHANNELS_INFO)
     check_channels_info(info, prefix)
-    reply = await _ask(call, "channels", {"prefix": prefix})
-    listed = reply.get("channels")
-    channels: dict[str, dict[str, int]] = {}
-    if isinstance(listed, dict):
-        for name, entry in listed.items():
-            # The broker filters already; this only guards the contract: occupied
-            # channels under the prefix, never an internal '#' channel.
-            if not name.startswith(prefix) or name.startswith("#"):
-                continue
-            if isinstance(entry, dict) and entry.get("subscription_count") == 0:
-                continue
-            channels[name] = _attributes(name, info, entry)
-    return _json({"channels": channels})
+
+    async def act() -> ApiResponse:
+        reply = await _ask(call, "channels", {"prefix": prefix})
+        listed = reply.get("channels")
+        channels: dict[str, dict[str, int]] = {}
+        if isinstance(listed, dict):
+            for name, entry in listed.items():
+                # The broker filters already; this only guards the contract: occupied
+                # channels under the prefix, never an internal '#' channel.
+                if not name.startswith(prefix) or name.startswith("#"):
+                    continue
+                if isinstance(entry, dict) and entry.get("subscription_count") == 0:
+                    continue
+                channels[name] = _attributes(name, info, entry)
+        return _json({"channels": channels})
+
+    return act
 
 
-async def channel_info(call: _Call) -> ApiResponse:
+def channel_info(call: _Call) -> _Act:
     """``GET /apps/{app}/channels/{channel}`` (spec §8.6): ``occupied`` always, plus the
     requested ``subscription_count``, ``user_count`` (presence) and ``cache`` (cache
     channels; ``{event, data, ttl}`` with whole seconds left, or ``null``)."""
@@ -310,46 +337,54 @@ async def channel_info(call: _Call) -> ApiResponse:
     check_channel_name(call.app, channel)
     info = parse_info(_query_values(call.params).get("info"), CHANNEL_INFO)
     check_channel_info(info, channel)
-    reply = await _ask(call, "channel", {"channel": channel, "cache": "cache" in info})
-    out: dict[str, Any] = {"occupied": bool(reply.get("occupied"))}
-    out.update(_attributes(channel, info, reply))
-    if "cache" in info:
-        cached = reply.get("cache")
-        if isinstance(cached, dict) and "data" in cached:
-            entry: dict[str, Any] = {}
-            if cached.get("event") is not None:
-                entry["event"] = cached["event"]
-            entry["data"] = cached["data"]
-            entry["ttl"] = max(0, math.ceil(float(cached.get("ttl") or 0)))
-            out["cache"] = entry
-        else:
-            out["cache"] = None
-    return _json(out)
+
+    async def act() -> ApiResponse:
+        reply = await _ask(call, "channel", {"channel": channel, "cache": "cache" in info})
+        out: dict[str, Any] = {"occupied": bool(reply.get("occupied"))}
+        out.update(_attributes(channel, info, reply))
+        if "cache" in info:
+            cached = reply.get("cache")
+            if isinstance(cached, dict) and "data" in cached:
+                entry: dict[str, Any] = {}
+                if cached.get("event") is not None:
+                    entry["event"] = cached["event"]
+                entry["data"] = cached["data"]
+                entry["ttl"] = max(0, math.ceil(float(cached.get("ttl") or 0)))
+                out["cache"] = entry
+            else:
+                out["cache"] = None
+        return _json(out)
+
+    return act
 
 
-async def channel_users(call: _Call) -> ApiResponse:
+def channel_users(call: _Call) -> _Act:
     """``GET /apps/{app}/channels/{channel}/users`` (spec §8.7): the distinct user ids
     of a presence channel as ``{"users": [{"id": …}, …]}``."""
     channel = call.arg
     check_channel_name(call.app, channel)
     if not kind_of(channel).presence:
         raise ApiError(400, f"The channel must be a presence channel; {channel!r} is not.")
-    reply = await _ask(call, "users", {"channel": channel})
-    users = reply.get("users")
-    ids = users if isinstance(users, list) else []
-    return _json({"users": [{"id": str(user_id)} for user_id in ids]})
+
+    async def act() -> ApiResponse:
+        reply = await _ask(call, "users", {"channel": channel})
+        users = reply.get("users")
+        ids = users if isinstance(users, list) else []
+        return _json({"users": [{"id": str(user_id)} for user_id in ids]})
+
+    return act
 
 
-async def user_events(call: _Call) -> ApiResponse:
+def user_events(call: _Call) -> _Act:
     """``POST /apps/{app}/users/{user}/events`` (spec §3.4, §8.9): an event for every
     connection signed in as ``user``, sent on its ``#server-to-user-{user}`` channel."""
     channel = check_user_id(call.app, call.arg)
     body = load_json_object(call.request.body)
     event = parse_event(call.app, body, fixed_channel=channel)
-    return await _publish_and_answer(call, event)
+    return _publish_and_answer(call, event)
 
 
-async def terminate_connections(call: _Call) -> ApiResponse:
+def terminate_connections(call: _Call) -> _Act:
     """``POST …/users/{user}/terminate_connections`` (spec §8.8): the broker closes every
     connection signed in as ``user`` (close code 4200); presence-only ones stay."""
     user_id = call.arg
@@ -359,8 +394,12 @@ async def terminate_connections(call: _Call) -> ApiResponse:
         raise ApiError(400, "The user id in the path is too long.")
     if call.request.body:
         load_json_object(call.request.body)  # SDKs send {}; only its syntax matters
-    call.ctx.send(TerminateUser(call.app.id, user_id))
-    return _OK_EMPTY
+
+    async def act() -> ApiResponse:
+        call.ctx.send(TerminateUser(call.app.id, user_id))
+        return _OK_EMPTY
+
+    return act
 
 
 # --- routing -------------------------------------------------------------------------
@@ -436,11 +475,64 @@ def _preflight(app: App, request: ApiRequest) -> ApiResponse:
     )
 
 
-# --- entry point ---------------------------------------------------------------------
+# --- entry points --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A request that passed every check :func:`accept_api` makes; :meth:`run` acts."""
+
+    method: str
+    path: str
+    act: _Act
+    cors: tuple[tuple[str, str], ...]
+
+    @property
+    def publishes(self) -> bool:
+        """A POST: it casts to the broker, so the worker's back-pressure may hold it."""
+        return self.method == "POST"
+
+    async def run(self) -> ApiResponse:
+        """Publish or ask the broker; the response. Never raises for the client's doing."""
+        cors = self.cors
+        try:
+            response = await self.act()
+        except ApiError as exc:
+            return _refusal(exc, cors)
+        except BrokerUnavailable:
+            return _error(503, "The broker did not answer in time; try again shortly.", cors)
+        except Exception:
+            # Our bug, not the client's: log it, never show its text (STYLE "whose fault").
+            log.exception("HTTP API failed on %s %s", self.method, self.path)
+            return _error(500, "Internal server error.", cors)
+        if cors:
+            return dataclasses.replace(response, headers=(*response.headers, *cors))
+        return response
+
+
+def _refusal(exc: ApiError, cors: tuple[tuple[str, str], ...]) -> ApiResponse:
+    headers = cors
+    if exc.retry_after is not None:
+        headers = (*headers, ("Retry-After", str(exc.retry_after)))
+    return _error(exc.status, exc.message, headers)
 
 
 async def handle_api(request: ApiRequest, ctx: ApiContext) -> ApiResponse:
-    """Answer one HTTP API request. Never raises for anything the client did wrong."""
+    """Answer one HTTP API request (:func:`accept_api`, then :meth:`Accepted.run`).
+    Never raises for anything the client did wrong."""
+    accepted = accept_api(request, ctx)
+    if isinstance(accepted, ApiResponse):
+        return accepted
+    return await accepted.run()
+
+
+def accept_api(request: ApiRequest, ctx: ApiContext) -> ApiResponse | Accepted:
+    """Check one HTTP API request without waiting for anything: the refusal (or the
+    CORS preflight answer), or the :class:`Accepted` request.
+
+    Everything a client can get wrong is decided here, so that nothing unauthenticated
+    or invalid can be held by back-pressure or wait on the broker.
+    """
     route = _route(request.path)
     if route is None:
         return _error(404, f"Unknown path {request.path!r}: not a Pusher HTTP API endpoint.")
@@ -479,18 +571,11 @@ async def handle_api(request: ApiRequest, ctx: ApiContext) -> ApiResponse:
                 f"{settings.max_http_body_bytes} bytes (max_http_body_bytes).",
             )
         arg = decode_segment(route.arg)
-        response = await route.handler(_Call(app, request, params, arg, ctx))
+        act = route.handler(_Call(app, request, params, arg, ctx))
     except ApiError as exc:
-        headers = cors
-        if exc.retry_after is not None:
-            headers = (*headers, ("Retry-After", str(exc.retry_after)))
-        return _error(exc.status, exc.message, headers)
-    except BrokerUnavailable:
-        return _error(503, "The broker did not answer in time; try again shortly.", cors)
+        return _refusal(exc, cors)
     except Exception:
         # Our bug, not the client's: log it, never show its text (STYLE "whose fault").
         log.exception("HTTP API failed on %s %s", method, request.path)
         return _error(500, "Internal server error.", cors)
-    if cors:
-        return dataclasses.replace(response, headers=(*response.headers, *cors))
-    return response
+    return Accepted(method, request.path, act, cors)
