@@ -6,7 +6,7 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from vask.workers.connection import _handshake_problem
+from vask.workers.http import handshake_problem as _handshake_problem
 from vask.workers.wsframe import text_frame
 
 GOOD = {

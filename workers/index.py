@@ -1,0 +1,81 @@
+"""The worker's local channel index and the fan-out that reads it.
+
+``(app, channel) -> local subscribers``. A channel with one local subscriber (the common
+per-user private channel) maps straight to its connection; a set is made only for the
+second one, which saves a set (about 220 bytes) per such channel.
+
+``confirmed`` holds the channels the broker has confirmed it routes to this worker: a
+later subscriber of such a channel is answered locally (see ``BrokerSync.subscribe``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vask.workers.outbound import Corker
+    from vask.workers.websocket import PusherConnection
+
+Key = tuple[str, str]
+
+
+class ChannelIndex:
+    """Which local connections are subscribed to which channel."""
+
+    __slots__ = ("channels", "confirmed", "corker")
+
+    def __init__(self, corker: Corker) -> None:
+        self.corker = corker
+        self.channels: dict[Key, PusherConnection | set[PusherConnection]] = {}
+        self.confirmed: set[Key] = set()
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.channels
+
+    def bind(self, conn: PusherConnection, channel: str, on: bool) -> None:
+        key = (conn.app_id, channel)
+        channels = self.channels
+        members = channels.get(key)
+        if on:
+            if members is None:
+                channels[key] = conn
+            elif isinstance(members, set):
+                members.add(conn)
+            elif members is not conn:
+                channels[key] = {members, conn}
+        elif isinstance(members, set):
+            members.discard(conn)
+            if len(members) == 1:
+                channels[key] = next(iter(members))
+        elif members is conn:
+            del channels[key]
+            self.confirmed.discard(key)
+
+    def fan_out(self, app_id: str, channel: str, exclude: str, data: bytes) -> None:
+        """Write ``data`` (complete frames) to every local subscriber but ``exclude``.
+
+        The hot path of a publish: the same bytes go to each connection through its
+        :meth:`~vask.workers.outbound.Outbound.write` (so flow control and the hard
+        limit apply), straight away; a connection that already has corked output gets
+        them appended there instead, to keep its order. Inside a multi-message broker
+        batch everything is corked and leaves in one write per connection at the batch's
+        end (a burst of presence joins or events: one syscall per member, not per event).
+        """
+        targets = self.channels.get((app_id, channel))
+        if targets is None:
+            return
+        if type(targets) is not set:
+            targets = (targets,)  # type: ignore[assignment]
+        if self.corker.corked:
+            for conn in targets:  # type: ignore[union-attr]
+                if conn.socket_id != exclude:
+                    conn.queue(data)
+            return
+        for conn in targets:  # type: ignore[union-attr]
+            if conn.socket_id == exclude:
+                continue
+            out = conn.out
+            if out is not None:
+                out.append(data)
+            else:
+                conn.write(data)

@@ -1,0 +1,160 @@
+"""Everything a worker writes to a client, and the flow control around it.
+
+:class:`Outbound` is the base of both connection protocols (:mod:`vask.workers.http`
+and :mod:`vask.workers.websocket`). It owns the one rule for outbound bytes, whatever
+produced them (events, pongs, error frames, HTTP responses to pipelined requests):
+
+* the transport's write buffer has a high-water mark (``write_buffer_high``) and a
+  low-water mark (``write_buffer_low``); above high, asyncio calls
+  :meth:`Outbound.pause_writing` and the worker **stops reading** from that client, so a
+  client that sends without reading what it is sent (pings whose pongs it never reads,
+  pipelined requests whose answers it never reads) stalls itself, not the worker;
+  below low it reads again;
+* above the hard limit (``write_buffer_limit``) after a write, the connection is cut
+  (``abort``): a slow consumer never makes the worker buffer without bound.
+
+Reading may also be paused for reasons of the protocol on top (an HTTP connection
+with requests waiting to be answered): :attr:`Outbound.paused` is a bit set of reasons,
+and reading resumes only when none is left.
+
+:class:`Corker` batches writes: frames queued during one loop turn leave in one
+``write`` per connection at the end of the turn (``call_soon``), and inside a
+multi-message broker batch everything is held until the batch ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from vask.workers.wsframe import text_frame
+
+if TYPE_CHECKING:
+    from vask.workers.server import Worker
+
+#: reasons reading from a client is paused (bits of Outbound.paused)
+PAUSED_WRITES = 1  # its outbound buffer is above the high-water mark
+PAUSED_PIPELINE = 2  # it has HTTP requests waiting to be answered
+
+
+class Outbound(asyncio.Protocol):
+    """A client connection seen as a byte sink with a bounded buffer."""
+
+    __slots__ = ("out", "paused", "transport", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        #: frames corked until the end of this loop turn (see Corker), or None
+        self.out: list[bytes] | None = None
+        self.paused = 0
+
+    def take_transport(self, transport: asyncio.Transport, paused: int) -> None:
+        """Adopt a transport (on accept, or from the HTTP protocol on upgrade)."""
+        self.transport = transport
+        self.paused = paused
+
+    # --- flow control (asyncio calls these on the transport's water marks) ---------------
+
+    def pause_writing(self) -> None:
+        self.pause(PAUSED_WRITES)
+
+    def resume_writing(self) -> None:
+        self.resume(PAUSED_WRITES)
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # --- writing ----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write now (after anything corked for this connection, to keep order)."""
+        transport = self.transport
+        if transport is None:
+            return
+        out = self.out
+        if out:
+            out.append(data)
+            data = b"".join(out)
+            self.out = None
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.worker.settings.write_buffer_limit:
+            self.cut()
+
+    def queue(self, data: bytes) -> None:
+        """Write at the end of this loop turn, together with whatever else is queued."""
+        out = self.out
+        if out is None:
+            self.out = [data]
+            self.worker.corker.dirty(self)
+        else:
+            out.append(data)
+
+    def flush(self) -> None:
+        """Write what is corked now."""
+        out = self.out
+        if out is not None:
+            self.out = None
+            self.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def cut(self) -> None:
+        """Drop the connection without a goodbye: it would not read one anyway."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self.worker.counters["slow_consumers_cut"] += 1
+            transport.abort()
+
+
+class Corker:
+    """Writes queued during one loop turn leave in one ``write`` per connection."""
+
+    __slots__ = ("_frame_cache", "_scheduled", "corked", "loop", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[Outbound] = []
+        self._scheduled = False
+        #: True while a multi-message broker batch is handled: everything is held and
+        #: leaves once at its end, so a subscriber gets one write per batch
+        self.corked = False
+        self._frame_cache: tuple[bytes, bytes] = (b"", b"")
+
+    def dirty(self, conn: Outbound) -> None:
+        self.pending.append(conn)
+        if not self._scheduled and not self.corked:
+            self._scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def cork(self, on: bool) -> None:
+        """Start or end a corked broker batch."""
+        if on:
+            self.corked = True
+        elif self.corked:
+            self.corked = False
+            self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        pending = self.pending
+        self.pending = []
+        for conn in pending:
+            conn.flush()
+
+    def frame(self, payload: bytes) -> bytes:
+        """The text frame for ``payload``; consecutive sends of the same payload (one
+        message to many connections) reuse one frame."""
+        cached = self._frame_cache
+        if cached[0] is payload:
+            return cached[1]
+        frame = text_frame(payload)
+        self._frame_cache = (payload, frame)
+        return frame

@@ -1,0 +1,277 @@
+"""A client connection after the upgrade: one Pusher WebSocket connection.
+
+:class:`PusherConnection` takes over the transport from the HTTP protocol
+(``transport.set_protocol``). Inbound frames are parsed by websockets' sans-I/O
+:class:`ServerProtocol`; each complete text message goes to the connection's pure
+:class:`~vask.session.PusherSession`, and the actions it answers with are carried out
+here. Outbound event frames bypass websockets (they are built once per publish, see
+:mod:`vask.workers.wsframe`) and go through :class:`~vask.workers.outbound.Outbound`,
+which owns flow control.
+
+No task and no timer per connection: liveness is a timestamp that the worker's single
+periodic sweep inspects (:meth:`PusherConnection.sweep`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from websockets.exceptions import InvalidState
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from vask import frames
+from vask.envelope import Publish
+from vask.session import Ask, Bind, Close, PusherSession, Send, Tell
+from vask.workers.outbound import Outbound
+from vask.workers.wsframe import text_frame
+
+if TYPE_CHECKING:
+    from vask.workers.server import Worker
+
+# phases
+OPENING, OPEN, CLOSING, CLOSED = range(4)
+CLOSE_WAIT = 5.0  # seconds a started closing handshake may take before the abort
+
+#: idle websockets protocol objects a worker keeps for reuse
+WS_POOL_SIZE = 256
+
+
+class PusherConnection(Outbound):
+    """Per-connection state of an upgraded client; global state lives on the worker."""
+
+    __slots__ = (
+        "app_id",
+        "closing_since",
+        "fragments",
+        "fragments_size",
+        "last_seen",
+        "opened_at",
+        "peer",
+        "phase",
+        "ping_sent",
+        "registered",
+        "session",
+        "socket_id",
+        "ws",
+    )
+
+    def __init__(self, worker: Worker, transport: asyncio.Transport, paused: int,
+                 peer: str | None) -> None:
+        super().__init__(worker)
+        self.take_transport(transport, paused)
+        self.peer = peer
+        self.phase = OPENING
+        self.ws: ServerProtocol | None = None
+        self.session: PusherSession | None = None
+        self.socket_id = ""
+        self.app_id = ""
+        self.last_seen = self.opened_at = worker.clock
+        self.ping_sent = 0.0
+        #: the broker knows this connection (it sent ConnOpen, a subscribe or a sign-in)
+        self.registered = False
+        self.closing_since = 0.0
+        self.fragments: list[bytes] | None = None
+        self.fragments_size = 0
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = CLOSED
+        worker = self.worker
+        worker.connections.discard(self)
+        worker.admission.tcp_closed(self.peer)
+        worker.forget(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.worker.clock
+        self.ping_sent = 0.0
+        ws = self.protocol()
+        ws.receive_data(data)
+        self._frames(ws)
+
+    def eof_received(self) -> bool | None:
+        self.protocol().receive_eof()
+        self._flush_ws()
+        return None
+
+    # --- inbound frames ----------------------------------------------------------------
+
+    def protocol(self) -> ServerProtocol:
+        """The websockets protocol parsing this connection's frames.
+
+        A connection holds one only while it is inside a frame (or closing). Between
+        complete frames an OPEN protocol holds nothing but its configuration, so it goes
+        back to the worker's pool (:meth:`_release`) and the next inbound bytes take one
+        from there. An idle connection thus costs no protocol object (about 1.7 KB).
+        """
+        ws = self.ws
+        if ws is None:
+            pool = self.worker.ws_pool
+            ws = self.ws = pool.pop() if pool else ServerProtocol(
+                max_size=self.worker.settings.max_message_bytes, state=State.OPEN)
+        return ws
+
+    def _release(self, ws: ServerProtocol) -> None:
+        if self.phase == OPEN and self.fragments is None and _between_frames(ws):
+            self.ws = None
+            pool = self.worker.ws_pool
+            if len(pool) < WS_POOL_SIZE:
+                pool.append(ws)
+
+    def _frames(self, ws: ServerProtocol) -> None:
+        for frame in ws.events_received():
+            if not isinstance(frame, Frame):  # an OPEN protocol only yields frames
+                continue
+            opcode = frame.opcode
+            if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
+                if opcode is _CONT:
+                    if self.fragments is None:
+                        continue
+                    self.fragments.append(bytes(frame.data))
+                    self.fragments_size += len(frame.data)
+                    if self.fragments_size > self.worker.settings.max_message_bytes:
+                        # Each frame is within max_size, but the message they make is
+                        # not (RFC 6455 §7.4.1: 1009).
+                        self.fragments = None
+                        with contextlib.suppress(InvalidState):
+                            ws.fail(1009, "message too big")
+                        break
+                    if not frame.fin:
+                        continue
+                    text = b"".join(self.fragments)
+                    binary = self.fragments[0] is _BINARY_MARK
+                    self.fragments = None
+                    if binary:
+                        self._binary()
+                        continue
+                    self._text(text)
+                elif not frame.fin:
+                    self.fragments = [bytes(frame.data)] if opcode is _TEXT else [_BINARY_MARK]
+                    self.fragments_size = len(frame.data)
+                elif opcode is _TEXT:
+                    self._text(frame.data)  # orjson reads bytes-like data directly
+                else:
+                    self._binary()
+        self._flush_ws()
+        if self.ws is not None:
+            self._release(self.ws)
+
+    def _binary(self) -> None:
+        self.send(frames.error(None, "Binary frames are not supported: send JSON text frames"))
+
+    def _text(self, text: bytes | bytearray | memoryview) -> None:
+        session = self.session
+        if session is None or self.phase != OPEN:
+            return  # nothing is accepted before connection_established
+        self.apply(session.receive(text, self.worker.wall))
+
+    def apply(self, actions: list[Any]) -> None:
+        """Carry out the actions a :class:`PusherSession` decided on."""
+        worker = self.worker
+        for action in actions:
+            if isinstance(action, Send):
+                self.send(action.frame)
+            elif isinstance(action, Tell):
+                self.registered = True
+                message = action.message
+                if isinstance(message, Publish) and message.local_first:
+                    worker.index.fan_out(message.app, message.channel, message.exclude,
+                                         text_frame(message.payload))
+                worker.link.send(message)
+            elif isinstance(action, Bind):
+                worker.index.bind(self, action.channel, action.on)
+            elif isinstance(action, Ask):
+                self.registered = True
+                worker.sync.subscribe(self, action.message)
+            elif isinstance(action, Close):
+                self.close(action.code, action.reason)
+
+    def _flush_ws(self) -> None:
+        """Write what websockets wants sent (pongs, close frames)."""
+        ws = self.ws
+        transport = self.transport
+        if ws is None or transport is None:
+            return
+        for data in ws.data_to_send():
+            if data:
+                self.write(data)
+            else:  # websockets signals "close the TCP connection" with b""
+                transport.close()
+                return
+        if self.phase == OPEN and (ws.state is State.CLOSED or ws.close_expected()):
+            self._closing()
+
+    # --- writing -------------------------------------------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        """Queue one Pusher message (JSON bytes) as a text frame, corked until the end
+        of this loop turn."""
+        self.queue(self.worker.corker.frame(payload))
+
+    def close(self, code: int, reason: str) -> None:
+        """Send ``pusher:error`` {code, reason}, then a close frame with the same code."""
+        if self.phase >= CLOSING:
+            return
+        ws = self.protocol()
+        self.send(frames.error(code, reason))
+        self.flush()
+        self._closing()
+        with contextlib.suppress(InvalidState):
+            ws.send_close(code, reason)
+        self._flush_ws()
+
+    def _closing(self) -> None:
+        """The closing handshake started: no data frame may follow a close frame
+        (RFC 6455 §5.5.1), so the connection leaves every channel now."""
+        self.phase = CLOSING
+        self.closing_since = self.worker.clock
+        self.worker.forget(self)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- liveness (called by the worker's sweep) ----------------------------------------
+
+    def sweep(self, now: float) -> None:
+        phase = self.phase
+        worker = self.worker
+        if phase == OPEN:
+            settings = worker.settings
+            if self.ping_sent:
+                if now - self.ping_sent > settings.pong_timeout:
+                    self.close(4201, "Pong reply not received")
+            elif now - self.last_seen > settings.activity_timeout:
+                self.ping_sent = now
+                self.send(frames.PING)
+            session = self.session
+            if session is not None and not session.authorized and \
+                    session.app.enable_user_authentication and \
+                    now - self.opened_at > session.app.user_authentication_timeout:
+                self.close(4009, "Connection not authorized within timeout")
+        elif phase == CLOSING:
+            if now - self.closing_since > CLOSE_WAIT:
+                self.abort()
+        elif phase == OPENING and now - self.opened_at > worker.settings.broker_timeout + 5:
+            self.close(4200, "Could not open the connection in time; reconnect")
+
+
+_BINARY_MARK = b"\x00binary"
+
+
+def _between_frames(ws: ServerProtocol) -> bool:
+    """True when ``ws`` holds nothing but its configuration: open, not inside a
+    fragmented message, no partial frame buffered, nothing left to send. Reads the
+    stream reader's buffer; if a websockets release renames it, protocols are simply
+    never released."""
+    buffer = getattr(getattr(ws, "reader", None), "buffer", None)
+    return (buffer is not None and not buffer and ws.state is State.OPEN
+            and ws.current_size is None and not ws.writes)
+
+
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
