@@ -276,7 +276,7 @@ class HttpProtocol(Outbound):
         while pipeline and self.running is None:
             response, keep_alive = pipeline[0]
             if not isinstance(response, bytes):
-                running = self.running = asyncio.ensure_future(response())
+                running = self.running = self.worker.loop.create_task(response())
                 running.add_done_callback(self._answered)
                 return
             pipeline.popleft()

@@ -1,0 +1,295 @@
+"""The worker's connection layer without sockets: HTTP bounds, pipelining, flow control,
+WebSocket admission rules.
+
+A fake transport records what is written and whether reading is paused; a minimal
+worker stands in for the real one (only what the protocols read from it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from vask.config import load_settings
+from vask.workers.admission import Admission, websocket_problem
+from vask.workers.http import MAX_PIPELINED, HttpProtocol
+from vask.workers.outbound import Corker
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.reading = True
+        self.closed = False
+        self.aborted = False
+        self.eof = False
+        self.buffered = 0  # what get_write_buffer_size reports
+        self.protocol: Any = None
+        self.limits: tuple[int, int] = (0, 0)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.limits = (high or 0, low or 0)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("10.0.0.1", 5555) if name == "peername" else default
+
+    @property
+    def text(self) -> bytes:
+        return b"".join(self.written)
+
+
+def make_worker(loop: asyncio.AbstractEventLoop, routes: Any = None,
+                **server: Any) -> Any:
+    settings = load_settings(env={}, overrides=server) if server else load_settings(env={})
+    worker: Any = SimpleNamespace(
+        settings=settings, clock=100.0, wall=1_000_000.0, connections=set(),
+        counters=Counter(), corker=Corker(loop), stopping=False, loop=loop,
+    )
+    worker.admission = Admission(worker)
+    worker.http_route = routes or (
+        lambda method, url, headers, body, keep_alive: b"HTTP/1.1 200 OK\r\n\r\n" + url)
+    return worker
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def connect(worker: Any) -> tuple[HttpProtocol, FakeTransport]:
+    conn = HttpProtocol(worker)
+    transport = FakeTransport()
+    conn.connection_made(transport)
+    return conn, transport
+
+
+def status_of(transport: FakeTransport) -> int:
+    return int(transport.text.split(b" ", 2)[1])
+
+
+# --- request bounds --------------------------------------------------------------------
+
+
+def test_flow_control_marks_are_set_on_accept(loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    _, transport = connect(worker)
+    assert transport.limits == (262_144, 65_536)
+
+
+def test_a_head_over_the_limit_in_one_read_gets_431(loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport = connect(make_worker(loop))
+    conn.data_received(b"GET /up HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+    assert status_of(transport) == 431
+    assert transport.eof and conn.lingering
+
+
+def test_a_head_growing_over_many_reads_is_cut_at_the_limit(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The huge-header attack: the head never completes; it is refused once the bytes
+    fed for it pass the limit (at most one read late), not after the client stops."""
+    conn, transport = connect(make_worker(loop))
+    conn.data_received(b"GET /up HTTP/1.1\r\nX-Big: ")
+    fed = 0
+    while not transport.written and fed < 1_000_000:
+        conn.data_received(b"a" * 4096)
+        fed += 4096
+    assert status_of(transport) == 431
+    assert fed <= 16_384 + 4096
+    # once refused, more input is discarded, not parsed
+    conn.data_received(b"a" * 65536)
+    assert transport.text.count(b"HTTP/1.1") == 1
+
+
+def test_a_long_url_gets_414(loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport = connect(make_worker(loop))
+    conn.data_received(b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\n\r\n")
+    assert status_of(transport) == 414
+
+
+def test_too_many_headers_get_431(loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport = connect(make_worker(loop))
+    conn.data_received(b"GET /up HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n")
+    assert status_of(transport) == 431
+
+
+def test_a_big_body_gets_413(loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport = connect(make_worker(loop))
+    conn.data_received(b"POST /apps/1/events HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n")
+    conn.data_received(b"x" * 1_100_000)
+    assert status_of(transport) == 413
+
+
+def test_a_body_after_a_head_is_not_counted_as_head(loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport = connect(make_worker(loop))
+    conn.data_received(b"POST /x HTTP/1.1\r\nContent-Length: 40000\r\n\r\n" + b"b" * 20_000)
+    conn.data_received(b"b" * 20_000)
+    assert status_of(transport) == 200
+
+
+def test_a_slow_request_gets_408_at_its_deadline(loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    conn, transport = connect(worker)
+    conn.data_received(b"GET /u")
+    conn.sweep(100.0 + 9.5)
+    assert not transport.written
+    conn.sweep(100.0 + 10.5)
+    assert status_of(transport) == 408
+    conn.sweep(100.0 + 13.0)  # lingering is over: gone
+    assert transport.aborted
+
+
+def test_idle_keep_alive_connections_are_closed(loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    conn, transport = connect(worker)
+    worker.clock = 150.0
+    conn.data_received(b"GET /up HTTP/1.1\r\n\r\n")
+    assert status_of(transport) == 200
+    conn.sweep(150.0 + 29.0)
+    assert not transport.closed
+    conn.sweep(150.0 + 31.0)
+    assert transport.closed
+
+
+def test_a_connection_that_sends_nothing_is_closed(loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport = connect(make_worker(loop))
+    conn.sweep(100.0 + 10.5)
+    assert transport.closed and not transport.written
+
+
+# --- pipelining and flow control ---------------------------------------------------------
+
+
+def test_pipelined_answers_keep_request_order(loop: asyncio.AbstractEventLoop) -> None:
+    release = loop.create_future()
+
+    async def slow() -> bytes:
+        await release
+        return b"<slow>"
+
+    def routes(method: str, url: bytes, *_: Any) -> Any:
+        return (lambda: slow()) if url == b"/slow" else b"<" + url + b">"
+
+    conn, transport = connect(make_worker(loop, routes))
+    conn.data_received(b"GET /a HTTP/1.1\r\n\r\nGET /slow HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+    assert transport.text == b"</a>"
+    assert not transport.reading  # not read while answers wait
+    release.set_result(None)
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert transport.text == b"</a><slow></b>"
+    assert transport.reading
+
+
+def test_too_many_pipelined_requests_end_in_503(loop: asyncio.AbstractEventLoop) -> None:
+    release = loop.create_future()
+
+    async def slow() -> bytes:
+        await release
+        return b"<slow>"
+
+    conn, transport = connect(make_worker(loop, lambda *_: lambda: slow()))
+    conn.data_received(b"GET /x HTTP/1.1\r\n\r\n" * (MAX_PIPELINED + 10))
+    release.set_result(None)
+    loop.run_until_complete(asyncio.sleep(0.05))
+    answers = transport.text
+    assert answers.count(b"<slow>") == MAX_PIPELINED
+    assert answers.endswith(b"}") and b"503 Service Unavailable" in answers
+    assert transport.eof
+
+
+def test_reading_pauses_above_high_water_and_resumes(loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport = connect(make_worker(loop))
+    conn.pause_writing()  # what asyncio calls above write_buffer_high
+    assert not transport.reading
+    conn.resume_writing()
+    assert transport.reading
+
+
+def test_a_connection_over_the_hard_limit_is_cut(loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    conn, transport = connect(worker)
+    transport.buffered = 4 * 1_048_576 + 1
+    conn.data_received(b"GET /up HTTP/1.1\r\n\r\n")
+    assert transport.aborted
+    assert worker.counters["slow_consumers_cut"] == 1
+
+
+# --- connection caps ---------------------------------------------------------------------
+
+
+def test_over_the_worker_cap_a_connection_gets_503(loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop, max_connections_per_worker=2)
+    connect(worker)
+    connect(worker)
+    _, transport = connect(worker)
+    assert status_of(transport) == 503
+
+
+def test_over_the_address_cap_a_connection_gets_429(loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop, max_connections_per_ip=1)
+    first, _ = connect(worker)
+    _, transport = connect(worker)
+    assert status_of(transport) == 429
+    first.connection_lost(None)
+    _, again = connect(worker)
+    assert not again.written  # the slot was given back
+
+
+# --- WebSocket admission -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query, code", [
+    ("protocol=%C2%B2", 4006),  # superscript two: isdigit() but not a version
+    ("protocol=%EF%BC%97", 4006),  # fullwidth seven
+    ("protocol=" + "7" * 5000, 4006),
+    ("protocol=abc", 4006),
+    ("protocol=", 4006),
+    ("protocol=3", 4007),
+    ("protocol=8", 4007),
+    ("protocol=007", None),
+])
+def test_protocol_versions(query: str, code: int | None) -> None:
+    settings = load_settings(env={})
+    apps = {a.key: a for a in settings.apps}
+    answer = websocket_problem(f"/app/app-key?{query}", apps, stopping=False)
+    if code is None:
+        assert not isinstance(answer, tuple)
+    else:
+        assert isinstance(answer, tuple) and answer[0] == code
