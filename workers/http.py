@@ -34,8 +34,8 @@ import base64
 import binascii
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import httptools
 import orjson
@@ -56,7 +56,7 @@ LINGER = 2.0  # seconds a refused connection is read from (and discarded) before
 _JSON = b"application/json"
 
 #: what a route answers: the response now, or a coroutine function producing it
-Response = bytes | Callable[[], Awaitable[bytes]]
+Response = bytes | Callable[[], Coroutine[Any, Any, bytes]]
 
 
 def http_response(status: int, body: bytes, keep_alive: bool = True,
