@@ -9,6 +9,9 @@ with what the broker sends.
 * After a broker restart the worker replays everything it holds (:meth:`replay`), so
   the broker's state can always be rebuilt from the workers.
 * A connection that ends is announced (:meth:`connection_ended`).
+* After the broker rebuilt its state (a restart, or this worker's resync), the presence
+  rosters this worker's clients were told are brought to the broker's
+  (:meth:`converge`, with :class:`~vask.workers.rosters.Rosters`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from vask.envelope import (
     ConnOpen,
     Deliver,
     DeliverTo,
+    Query,
     SignIn,
     Subscribe,
     Terminate,
@@ -78,6 +82,7 @@ class BrokerSync:
         one write."""
         worker = self.worker
         fan_out = worker.index.fan_out
+        rosters = worker.rosters
         by_socket_id = worker.by_socket_id
         i, n = 0, len(messages)
         while i < n:
@@ -92,6 +97,10 @@ class BrokerSync:
                         break
                     run.append(after)
                     i += 1
+                if message.channel.startswith("presence-"):
+                    key = (message.app, message.channel)
+                    for m in run:
+                        rosters.observe(key, m.payload)
                 data = text_frame(message.payload) if len(run) == 1 else \
                     b"".join([text_frame(m.payload) for m in run])
                 fan_out(message.app, message.channel, message.exclude, data)
@@ -138,12 +147,31 @@ class BrokerSync:
             conn.apply(session.subscribe_answered(message, body))
             if body.get("ok") and key in index:
                 index.confirmed.add(key)
+                presence = body.get("presence")
+                if isinstance(presence, dict):
+                    worker.rosters.subscribed(key, presence)
 
         link.request(
             lambda rid: Subscribe(rid, message.app, message.channel, message.socket_id,
                                   message.member, message.max_members),
             answered,
         )
+
+    def converge(self) -> None:
+        """Ask the broker for each local presence channel's roster and tell local
+        subscribers only the difference from what they were told."""
+        worker = self.worker
+        for key in list(worker.rosters.told):
+            def answered(body: dict[str, Any] | None, key: tuple[str, str] = key) -> None:
+                members = body.get("members") if body is not None else None
+                if not isinstance(members, dict):
+                    return  # no answer: the next resync tries again
+                for payload in worker.rosters.diff(key, members):
+                    worker.index.fan_out(key[0], key[1], "", text_frame(payload))
+
+            worker.link.request(
+                lambda rid, key=key: Query(rid, key[0], "roster", {"channel": key[1]}),  # type: ignore[misc]
+                answered)
 
     def connection_ended(self, conn: PusherConnection) -> None:
         """A connection left (closing handshake started, or gone): drop it locally and

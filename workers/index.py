@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vask.workers.outbound import Corker
+    from vask.workers.rosters import Rosters
     from vask.workers.websocket import PusherConnection
 
 Key = tuple[str, str]
@@ -22,10 +23,11 @@ Key = tuple[str, str]
 class ChannelIndex:
     """Which local connections are subscribed to which channel."""
 
-    __slots__ = ("channels", "confirmed", "corker")
+    __slots__ = ("channels", "confirmed", "corker", "rosters")
 
-    def __init__(self, corker: Corker) -> None:
+    def __init__(self, corker: Corker, rosters: Rosters) -> None:
         self.corker = corker
+        self.rosters = rosters
         self.channels: dict[Key, PusherConnection | set[PusherConnection]] = {}
         self.confirmed: set[Key] = set()
 
@@ -50,6 +52,7 @@ class ChannelIndex:
         elif members is conn:
             del channels[key]
             self.confirmed.discard(key)
+            self.rosters.left(key)
 
     def fan_out(self, app_id: str, channel: str, exclude: str, data: bytes) -> None:
         """Write ``data`` (complete frames) to every local subscriber but ``exclude``.

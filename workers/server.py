@@ -37,6 +37,7 @@ from vask.workers.broker_sync import BrokerSync
 from vask.workers.http import HttpProtocol, Response, error_response, http_response
 from vask.workers.index import ChannelIndex
 from vask.workers.outbound import Corker
+from vask.workers.rosters import Rosters
 from vask.workers.websocket import OPEN, OPENING, PusherConnection
 
 log = logging.getLogger("vask.worker")
@@ -61,7 +62,8 @@ class Worker:
         #: named event counts (refusals, cuts); read by tests and, later, metrics
         self.counters: Counter[str] = Counter()
         self.corker = Corker(self.loop)
-        self.index = ChannelIndex(self.corker)
+        self.rosters = Rosters()
+        self.index = ChannelIndex(self.corker, self.rosters)
         self.sync = BrokerSync(self)
         self.admission = Admission(self)
         self.link = BrokerLink(settings, endpoint, slot, self.sync.on_messages,

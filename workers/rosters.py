@@ -1,0 +1,80 @@
+"""What this worker's clients were last told about each presence channel's members.
+
+One roster per presence channel with local subscribers (not one per connection): the
+``subscription_succeeded`` roster the broker last answered, plus every
+``member_added`` / ``member_removed`` delivered here since. All of a channel's presence
+events reach a worker in the broker's order on one link, so every local subscriber of the
+channel has been told the same roster.
+
+After the broker restarts (or this worker resyncs), the broker's roster is rebuilt from
+the workers' replays, and what clients were told may be wrong: members who left during
+the gap were never removed, members who joined were never added. :meth:`Rosters.diff`
+compares the told roster with the broker's and yields only the difference as
+``member_added`` / ``member_removed`` frames, so every client's view converges without
+duplicates.
+
+Only deliveries on presence channels whose payload starts like a member event are
+parsed (rare); every other delivery is passed by with one ``startswith``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from vask import frames
+
+Key = tuple[str, str]
+
+_MEMBER_EVENT = b'{"event":"pusher_internal:member_'
+
+
+class Rosters:
+    """``(app, presence channel) -> {user_id: user_info}`` as told to local clients."""
+
+    __slots__ = ("told",)
+
+    def __init__(self) -> None:
+        self.told: dict[Key, dict[str, Any]] = {}
+
+    def subscribed(self, key: Key, presence: dict[str, Any]) -> None:
+        """A local client was sent ``subscription_succeeded`` with this roster (the
+        broker's ``{"ids", "hash", "count"}``): it is the newest view of the channel."""
+        hash_ = presence.get("hash")
+        self.told[key] = dict(hash_) if isinstance(hash_, dict) else {}
+
+    def left(self, key: Key) -> None:
+        """The channel has no local subscriber any more."""
+        self.told.pop(key, None)
+
+    def observe(self, key: Key, payload: bytes) -> None:
+        """A delivery to a presence channel with local subscribers."""
+        roster = self.told.get(key)
+        if roster is None or not payload.startswith(_MEMBER_EVENT):
+            return
+        try:
+            message = orjson.loads(payload)
+            data = message.get("data")
+            data = orjson.loads(data) if isinstance(data, str) else data
+            user_id = str(data["user_id"])
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+            return
+        if message.get("event") == "pusher_internal:member_added":
+            roster[user_id] = data.get("user_info")
+        elif message.get("event") == "pusher_internal:member_removed":
+            roster.pop(user_id, None)
+
+    def diff(self, key: Key, authoritative: dict[str, Any]) -> list[bytes]:
+        """Member event payloads that bring the told roster to ``authoritative``
+        (``user_id -> user_info``); the told roster becomes it."""
+        roster = self.told.get(key)
+        if roster is None:
+            return []
+        channel = key[1]
+        out = [frames.member_removed(channel, user_id)
+               for user_id in roster if user_id not in authoritative]
+        out += [frames.member_added(channel, user_id, info)
+                for user_id, info in authoritative.items() if user_id not in roster]
+        self.told[key] = dict(authoritative)
+        return out
