@@ -577,3 +577,47 @@ def test_a_presence_join_leave_loop_is_bounded() -> None:
         unsubscribe(s, "presence-r", now)
     assert closed
     assert forwarded == 2  # the bucket (4) paid for join, leave, join, leave
+
+
+def test_an_old_answer_does_not_settle_a_newer_subscribe_to_the_same_channel() -> None:
+    # Leave while the answer is out, join again at once: the broker sees SUB, UNSUB,
+    # SUB and answers each SUB. The first answer says nothing about the second SUB
+    # (refused, or ok before the broker even saw it), so only the second may settle it.
+    s = session()
+    first = raw_subscribe_presence(s, '{"user_id":"u1","user_info":{"v":1}}')
+    unsubscribe(s, "presence-r")
+    second = raw_subscribe_presence(s, '{"user_id":"u1","user_info":{"v":2}}')
+    assert s.subscribe_answered(first, {"ok": False, "type": "LimitReached",
+                                        "error": "full", "status": 4100}) == []
+    assert s.subscribe_answered(first, {"ok": True, "presence": {}}) == []
+    assert not s.is_subscribed("presence-r") and "presence-r" in s.subscriptions
+    done = s.subscribe_answered(second, {"ok": True, "presence": {}})
+    assert Bind("presence-r", True) in done
+    assert s.replay_subscriptions() == [("presence-r", ["u1", {"v": 2}])]
+
+
+def raw_subscribe_presence(s: PusherSession, channel_data: str) -> Subscribe:
+    (ask,) = feed(s, {"event": "pusher:subscribe", "data": signed_subscribe(
+        s.app, s.socket_id, "presence-r", channel_data)})
+    assert isinstance(ask, Ask)
+    return ask.message
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"ok": False}, {"type": "ServerError", "error": "subscription refused", "status": 500}),
+    ({"ok": False, "type": "T", "error": "E", "status": "503"},
+     {"type": "T", "error": "E", "status": 500}),
+    ({"ok": False, "status": True}, {"type": "ServerError", "error": "subscription refused",
+                                     "status": 500}),
+])
+def test_a_malformed_refusal_from_the_broker_still_gives_a_well_formed_error(
+        body: dict[str, Any], expected: dict[str, Any]) -> None:
+    s = session()
+    (frame,) = sent(settle(s, raw_subscribe(s, "news"), body))
+    assert frame == {"event": "pusher:subscription_error", "channel": "news", "data": expected}
+
+
+def test_a_cache_answer_that_is_not_a_payload_counts_as_a_miss() -> None:
+    s = session()
+    frames = sent(settle(s, raw_subscribe(s, "cache-x"), {"ok": True, "cache": {"x": 1}}))
+    assert frames[1] == {"event": "pusher:cache_miss", "channel": "cache-x"}

@@ -111,9 +111,8 @@ class Bind:
 
 Action = Send | Close | Tell | Ask | Bind
 
-# Marks a subscription whose broker answer is still outstanding.
-_PENDING = "\x00pending"
-# Marks the acknowledged subscribe to the user's own #server-to-user channel.
+# Marks the acknowledged subscribe to the user's own #server-to-user channel. (A
+# subscription whose answer is outstanding holds its Subscribe request instead.)
 _USER_ACK = "\x00user"
 
 
@@ -165,8 +164,11 @@ class PusherSession:
     def __init__(self, app: App, socket_id: str) -> None:
         self.app = app
         self.socket_id = socket_id
-        #: channel -> presence user id ("" for non-presence), _PENDING or _USER_ACK
-        self.subscriptions: dict[str, str] = {}
+        #: channel -> presence user id ("" for non-presence) or _USER_ACK once settled;
+        #: the outstanding Subscribe request while pending. Holding the request itself
+        #: lets an answer be matched to the subscribe it answers, not to a later one
+        #: for the same channel (the worker keeps the request alive meanwhile anyway).
+        self.subscriptions: dict[str, str | Subscribe] = {}
         self.user_id: str | None = None
         self.user_info: Any = None
         self.user_data: str | None = None
@@ -261,15 +263,10 @@ class PusherSession:
         # Success is only reported once the cluster routes the channel here: the
         # worker answers at once when it already holds a confirmed subscription to the
         # channel, and otherwise asks the broker (always for presence and cache).
-        self.subscriptions[channel] = _PENDING
-        return [
-            Ask(
-                Subscribe(
-                    0, self.app.id, channel, self.socket_id, member,
-                    self.app.max_presence_members_per_channel if kind.presence else 0,
-                )
-            )
-        ]
+        request = Subscribe(0, self.app.id, channel, self.socket_id, member,
+                            self.app.max_presence_members_per_channel if kind.presence else 0)
+        self.subscriptions[channel] = request
+        return [Ask(request)]
 
     def _authorize(
         self, channel: str, kind: ChannelKind, data: dict[str, Any]
@@ -332,13 +329,18 @@ class PusherSession:
         ``{"ok": false, "type": ..., "error": ..., "status": ...}``.
         """
         channel = request.channel
-        if self.subscriptions.get(channel) != _PENDING:
-            return []  # unsubscribed (and the broker told) while the answer was in flight
+        if self.subscriptions.get(channel) is not request:
+            # Unsubscribed (and the broker told) while the answer was in flight, perhaps
+            # subscribed again since: that newer subscribe gets its own answer, and only
+            # it says whether the broker holds the subscription now.
+            return []
         if not body.get("ok"):
             del self.subscriptions[channel]
+            status = body.get("status")
             return [Send(frames.subscription_error(
                 channel, str(body.get("type", "ServerError")),
-                str(body.get("error", "subscription refused")), int(body.get("status", 500))))]
+                str(body.get("error", "subscription refused")),
+                status if type(status) is int else 500))]
         member = request.member
         self.subscriptions[channel] = member[0] if member else ""
         if member:
@@ -351,7 +353,8 @@ class PusherSession:
         ]
         if kind_of(channel).cache:
             cached = body.get("cache")
-            actions.append(Send(cached.encode() if cached else frames.cache_miss(channel)))
+            actions.append(Send(cached.encode() if cached and isinstance(cached, str)
+                                else frames.cache_miss(channel)))
         return actions
 
     def channel_count(self) -> int:
@@ -410,13 +413,12 @@ class PusherSession:
             return []  # no broker work, like its subscribe: free
         self._take_token(now)  # honoured either way; the token only slows down churn
         actions: list[Action] = [Tell(Unsubscribe(self.app.id, channel, self.socket_id))]
-        if state != _PENDING:
+        if isinstance(state, str):  # settled, so bound
             actions.insert(0, Bind(channel, False))
         return actions
 
     def is_subscribed(self, channel: str) -> bool:
-        state = self.subscriptions.get(channel)
-        return state is not None and state != _PENDING
+        return isinstance(self.subscriptions.get(channel), str)
 
     # --- sign-in ------------------------------------------------------------------
 
@@ -488,7 +490,7 @@ class PusherSession:
                 "Client events are only allowed on private and presence channels "
                 "(not public, cache or encrypted ones)", where))]
         member = self.subscriptions.get(where)
-        if member is None or member == _PENDING:
+        if not isinstance(member, str):  # not subscribed, or still pending
             return [Send(frames.error(
                 None,
                 f"Cannot broadcast client event (connection not subscribed to channel {where})",
@@ -519,11 +521,12 @@ class PusherSession:
         """(channel, presence member or None) for every settled subscription."""
         members = self.members or {}
         return [(c, members.get(c)) for c, s in self.subscriptions.items()
-                if s != _PENDING and s != _USER_ACK]
+                if isinstance(s, str) and s != _USER_ACK]
 
     def local_channels(self) -> list[str]:
         """Channels this connection sits in the worker's index for (for cleanup)."""
-        out = [c for c, s in self.subscriptions.items() if s != _PENDING and s != _USER_ACK]
+        out = [c for c, s in self.subscriptions.items()
+               if isinstance(s, str) and s != _USER_ACK]
         if self.user_id is not None:
             out.append(user_channel(self.user_id))
         return out
