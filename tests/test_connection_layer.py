@@ -8,6 +8,7 @@ worker stands in for the real one (only what the protocols read from it).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -79,7 +80,7 @@ def make_worker(loop: asyncio.AbstractEventLoop, routes: Any = None,
     settings = load_settings(env={}, overrides=server) if server else load_settings(env={})
     worker: Any = SimpleNamespace(
         settings=settings, clock=100.0, wall=1_000_000.0, connections=set(),
-        counters=Counter(), corker=Corker(loop), stopping=False, loop=loop,
+        counters=Counter(), corker=Corker(loop, 262_144), stopping=False, loop=loop,
     )
     worker.admission = Admission(worker)
     worker.http_route = routes or (
@@ -168,29 +169,30 @@ def test_a_slow_request_gets_408_at_its_deadline(loop: asyncio.AbstractEventLoop
     worker = make_worker(loop)
     conn, transport = connect(worker)
     conn.data_received(b"GET /u")
-    conn.sweep(100.0 + 9.5)
+    began = time.monotonic()
+    conn.sweep(began + 9.5)
     assert not transport.written
-    conn.sweep(100.0 + 10.5)
+    conn.sweep(began + 10.5)
     assert status_of(transport) == 408
-    conn.sweep(100.0 + 13.0)  # lingering is over: gone
+    conn.sweep(time.monotonic() + 2.5)  # lingering is over: gone
     assert transport.aborted
 
 
 def test_idle_keep_alive_connections_are_closed(loop: asyncio.AbstractEventLoop) -> None:
     worker = make_worker(loop)
     conn, transport = connect(worker)
-    worker.clock = 150.0
     conn.data_received(b"GET /up HTTP/1.1\r\n\r\n")
+    answered = time.monotonic()
     assert status_of(transport) == 200
-    conn.sweep(150.0 + 29.0)
+    conn.sweep(answered + 29.0)
     assert not transport.closed
-    conn.sweep(150.0 + 31.0)
+    conn.sweep(answered + 31.0)
     assert transport.closed
 
 
 def test_a_connection_that_sends_nothing_is_closed(loop: asyncio.AbstractEventLoop) -> None:
     conn, transport = connect(make_worker(loop))
-    conn.sweep(100.0 + 10.5)
+    conn.sweep(time.monotonic() + 10.5)
     assert transport.closed and not transport.written
 
 
@@ -293,3 +295,14 @@ def test_protocol_versions(query: str, code: int | None) -> None:
         assert not isinstance(answer, tuple)
     else:
         assert isinstance(answer, tuple) and answer[0] == code
+
+
+def test_corked_bytes_past_the_high_water_mark_are_written_at_once(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Pongs to a burst of pings read in one wake-up must meet the transport's flow
+    control, not pile up in the cork list until the end of the turn."""
+    conn, transport = connect(make_worker(loop))
+    conn.queue(b"p" * 200_000)
+    assert not transport.written  # corked
+    conn.queue(b"p" * 100_000)
+    assert len(transport.text) == 300_000

@@ -33,6 +33,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -129,7 +130,7 @@ class HttpProtocol(Outbound):
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.peer: str | None = None
         #: the time the current request began (or the accept, before the first one)
-        self.started = worker.clock
+        self.started = time.monotonic()
         #: when the last request completed (0: none yet)
         self.idle_since = 0.0
         self.in_request = False
@@ -205,7 +206,9 @@ class HttpProtocol(Outbound):
 
     def on_message_begin(self) -> None:
         self.in_request = self.in_head = self.began = True
-        self.started = self.worker.clock
+        # the fine clock: the worker's coarse one may be a second old, and a deadline
+        # counted from it would fire up to a second early
+        self.started = time.monotonic()
         self.head_bytes = 0
         self.url = b""
         self.headers = []
@@ -241,7 +244,7 @@ class HttpProtocol(Outbound):
         parser = self.parser
         assert parser is not None
         self.in_request = False
-        self.idle_since = self.worker.clock
+        self.idle_since = time.monotonic()
         if parser.should_upgrade():
             return  # handled by HttpParserUpgrade
         keep_alive = parser.should_keep_alive()

@@ -77,8 +77,7 @@ class ChannelIndex:
         for conn in targets:  # type: ignore[union-attr]
             if conn.socket_id == exclude:
                 continue
-            out = conn.out
-            if out is not None:
-                out.append(data)
+            if conn.out is not None:
+                conn.queue(data)
             else:
                 conn.write(data)

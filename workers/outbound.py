@@ -93,11 +93,15 @@ class Outbound(asyncio.Protocol):
     def queue(self, data: bytes) -> None:
         """Write at the end of this loop turn, together with whatever else is queued."""
         out = self.out
+        corker = self.worker.corker
         if out is None:
             self.out = [data]
-            self.worker.corker.dirty(self)
+            corker.dirty(self)
         else:
             out.append(data)
+        corker.held += len(data)
+        if corker.held > corker.limit:
+            corker.flush()
 
     def flush(self) -> None:
         """Write what is corked now."""
@@ -117,11 +121,17 @@ class Outbound(asyncio.Protocol):
 class Corker:
     """Writes queued during one loop turn leave in one ``write`` per connection."""
 
-    __slots__ = ("_frame_cache", "_scheduled", "corked", "loop", "pending")
+    __slots__ = ("_frame_cache", "_scheduled", "corked", "held", "limit", "loop", "pending")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
         self.loop = loop
         self.pending: list[Outbound] = []
+        #: bytes held in corked lists; past ``limit`` everything is written at once, so
+        #: what a loop turn produces (pongs to a burst of pings read in one wake-up,
+        #: answers to a burst of requests) meets the transports' flow control instead
+        #: of piling up here
+        self.held = 0
+        self.limit = limit
         self._scheduled = False
         #: True while a multi-message broker batch is handled: everything is held and
         #: leaves once at its end, so a subscriber gets one write per batch
@@ -144,6 +154,7 @@ class Corker:
 
     def flush(self) -> None:
         self._scheduled = False
+        self.held = 0
         pending = self.pending
         self.pending = []
         for conn in pending:

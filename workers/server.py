@@ -61,7 +61,7 @@ class Worker:
         self.wall = time.time()
         #: named event counts (refusals, cuts); read by tests and, later, metrics
         self.counters: Counter[str] = Counter()
-        self.corker = Corker(self.loop)
+        self.corker = Corker(self.loop, settings.write_buffer_high)
         self.rosters = Rosters()
         self.index = ChannelIndex(self.corker, self.rosters)
         self.sync = BrokerSync(self)
