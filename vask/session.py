@@ -29,7 +29,9 @@ Rules (spec sections in brackets):
       connection may omit it (its ``user_data`` is used);
     - every subscribe is an :class:`Ask`: presence and cache channels need the broker's
       answer (roster / cached event / member limit); for other channels the worker may
-      answer itself when the broker already routes the channel to it.
+      answer itself when the broker already routes the channel to it. Only the answer
+      to the subscribe still pending settles it: after a leave and rejoin, the answer
+      to the first subscribe is ignored.
 * ``pusher:unsubscribe`` of a channel not subscribed is ignored (§13.3). Any other
   unsubscribe is always honoured (refusing it would keep events flowing that the client
   asked to stop), but takes a token from the subscription bucket when one is there.
@@ -94,9 +96,10 @@ class Tell:
 
 @dataclass(frozen=True, slots=True)
 class Ask:
-    """Send this subscribe to the broker (with a fresh request id) and hand the answer to
-    :meth:`PusherSession.subscribe_answered` (``{"ok": true}`` may also come from the
-    worker itself, see :meth:`Worker.ask_subscribe`)."""
+    """Send this subscribe to the broker (with a fresh request id) and hand the answer,
+    together with this very ``message`` object, to :meth:`PusherSession.subscribe_answered`
+    (``{"ok": true}`` may also come from the worker itself, see ``ask_subscribe``). The
+    session tells answers apart by that object, not by the channel name."""
 
     message: Subscribe
 
@@ -323,10 +326,12 @@ class PusherSession:
         return frames.subscription_error(channel, kind, message, status)
 
     def subscribe_answered(self, request: Subscribe, body: dict[str, Any]) -> list[Action]:
-        """The broker's answer to an :class:`Ask` subscribe.
+        """The broker's answer to an :class:`Ask` subscribe (``request`` is the Ask's own
+        message object; an answer to any other subscribe of the channel is ignored).
 
         ``body``: ``{"ok": true, "presence": {...}?, "cache": "<payload>"|null}`` or
-        ``{"ok": false, "type": ..., "error": ..., "status": ...}``.
+        ``{"ok": false, "type": ..., "error": ..., "status": ...}``. A ``status`` that is
+        not an integer reads as 500, a ``cache`` that is not a string as a miss.
         """
         channel = request.channel
         if self.subscriptions.get(channel) is not request:
