@@ -1,9 +1,26 @@
 """The broker process: one ZeroMQ ROUTER around :class:`~vask.broker.state.ClusterState`.
 
-A plain blocking poll loop, no asyncio: each wake-up drains every queued message
-(so a burst of publishes costs one poll), hands each to the state, and sends what the
-state answers. Timers (heartbeats, purge of silent workers, subscription-count flushes,
-cache expiry) run from the same loop between polls.
+A plain blocking poll loop, no asyncio. Each loop turn (:meth:`Broker.turn`):
+
+1. reads what is queued on the ROUTER into one inbox per peer, at most
+   :data:`READ_LIMIT` ZeroMQ messages and only while fewer than :data:`BUFFER_LIMIT`
+   envelope messages wait in the inboxes (so nothing is buffered without bound);
+2. handles the inboxes round-robin, at most :data:`PEER_SHARE` envelope messages per
+   peer, and stops early once the turn has taken :data:`TURN_SECONDS`;
+3. runs the timers (heartbeats, purge of silent workers, subscription-count flushes,
+   cache expiry) and sends what the state answered, one batch per worker.
+
+So a worker that floods the broker gets its share and no more: the other workers'
+requests are answered, and heartbeats go out, while its backlog is worked through.
+
+Every message is checked by :func:`vask.envelope.decode`; one that fails is dropped and
+counted (:attr:`Broker.dropped_bad`). An unexpected exception while handling one message
+is logged and counted (:attr:`Broker.handler_errors`) instead of ending the loop. Both are
+logged at most once per :data:`LOG_INTERVAL`, so a flood of bad input cannot flood the log.
+
+Every timer runs on ``time.monotonic()``. Wall-clock time is used only for the broker's
+epoch, which is an identity (a restarted broker must get a different one, and it has to
+be comparable across hosts), not a duration.
 """
 
 from __future__ import annotations
@@ -12,6 +29,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from types import FrameType
 
 import zmq
@@ -38,9 +56,79 @@ from vask.process import die_with_parent
 log = logging.getLogger("vask.broker")
 
 COUNT_FLUSH_INTERVAL = 0.1
-FLUSH_EVERY = 64  # inbound messages (each may be a batch) between outbound flushes
+#: longest wait for input when there is nothing to do (the timers' resolution)
+POLL_MS = 50
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: enum flags cost a construction per use
-QUEUE_LIMIT = 200_000  # messages per peer
+QUEUE_LIMIT = 200_000  # ZeroMQ messages per peer, each way
+#: ZeroMQ messages (each possibly a batch) read from the ROUTER per loop turn
+READ_LIMIT = 256
+#: envelope messages waiting in the inboxes above which the ROUTER is not read. With a
+#: few hundred bytes per message this is a few MiB; the rest waits in ZeroMQ's queues
+#: (bounded by QUEUE_LIMIT), where a flooding worker eventually blocks on its own HWM.
+BUFFER_LIMIT = 32_768
+#: envelope messages handled per peer per turn before the next peer's turn comes
+PEER_SHARE = 256
+#: a turn stops handling messages after this long, so timers run at least this often
+#: (plus one peer's share) however much is queued
+TURN_SECONDS = 0.05
+#: ZMQ_MAXMSGSIZE on the ROUTER, in bytes. ZeroMQ applies it to each frame, not to a
+#: whole multipart message, and disconnects a peer that sends a larger one (it then
+#: reconnects; what it had queued is lost). The largest legitimate frames are a PUB
+#: payload (at most about an HTTP body, max_http_body_bytes, 1 MiB by default, or a
+#: client event, max_message_bytes), a SUB header with a presence member's user_info,
+#: and a batch's frame-count header (2 bytes per message: 64 MiB would take a worker
+#: turn of 33 million messages). :func:`max_frame_bytes` raises the limit with the
+#: settings, so no configuration can make a worker need more.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: at most one log line per this many seconds for each kind of repeated problem
+LOG_INTERVAL = 1.0
+
+
+def max_frame_bytes(settings: Settings) -> int:
+    """The ROUTER's MAXMSGSIZE: :data:`MAX_FRAME_BYTES`, or more with large limits
+    configured (4x the largest client-supplied size, which covers JSON re-encoding)."""
+    largest = max([settings.max_http_body_bytes, settings.max_message_bytes,
+                   *(app.max_presence_member_bytes for app in settings.apps)])
+    return max(MAX_FRAME_BYTES, 4 * largest + 1024 * 1024)
+
+
+class RateLimitedLog:
+    """One kind of repeated log line, written at most once per ``interval``.
+
+    Lines in between are counted; the next line written says how many were left out,
+    and :meth:`tick` (from the loop's timers) reports a count left over after a burst.
+    """
+
+    def __init__(self, level: int, what: str, interval: float = LOG_INTERVAL) -> None:
+        self.level = level
+        self.what = what
+        self.interval = interval
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def __call__(self, now: float, message: str, *args: object,
+                 exc_info: bool = False) -> None:
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        self.next_at = now + self.interval
+        if self.suppressed:
+            message += " (%d more %s since the last line)"
+            args = (*args, self.suppressed, self.what)
+            self.suppressed = 0
+        log.log(self.level, message, *args, exc_info=exc_info)
+
+    def tick(self, now: float) -> None:
+        if self.suppressed and now >= self.next_at:
+            self.next_at = now + self.interval
+            log.log(self.level, "%d more %s in the last %.0f s", self.suppressed, self.what,
+                    self.interval)
+            self.suppressed = 0
+
+
+def _peer(identity: bytes) -> str:
+    """A peer's identity for a log line (peers choose them: keep it short)."""
+    return repr(identity[:80])
 
 
 class Broker:
@@ -51,6 +139,8 @@ class Broker:
         self.control_fd = control_fd
         self.control_buffer = b""
         self.endpoint = endpoint
+        # Wall clock on purpose: the epoch is an identity that must differ after a
+        # restart, even on another host; every duration below uses time.monotonic().
         self.epoch = time.time_ns() // 1000
         self.state = ClusterState(settings, self.epoch)
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -62,14 +152,42 @@ class Broker:
         # Bounded queues: a stalled worker cannot make the broker buffer without limit.
         self.router.setsockopt(zmq.SNDHWM, QUEUE_LIMIT)
         self.router.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
+        self.max_frame = max_frame_bytes(settings)
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        if control_fd >= 0:
+            self.poller.register(control_fd, zmq.POLLIN)
         self.running = True
         self.outboxes: dict[bytes, list[list[bytes]]] = {}
+        #: per peer, the ZeroMQ messages read but not yet fully handled, in order
+        self.inboxes: dict[bytes, deque[envelope.Reader]] = {}
+        #: peers with a non-empty inbox, in round-robin order (each at most once)
+        self.ready: deque[bytes] = deque()
+        #: envelope messages waiting in the inboxes
+        self.buffered = 0
+        #: the last read stopped at a limit, not because the ROUTER was empty
+        self.backlog = False
+        #: unknown peers already sent a RESYNC since the last flush (one is enough)
+        self.resynced: set[bytes] = set()
+        now = time.monotonic()
+        self.next_flush = now
+        self.next_beat = now
+        #: messages dropped because they failed envelope checks, or made no sense here
+        self.dropped_bad = 0
+        #: messages whose handling raised an unexpected exception (a bug; logged)
+        self.handler_errors = 0
+        self.bad_log = RateLimitedLog(logging.WARNING, "bad messages dropped")
+        self.error_log = RateLimitedLog(logging.ERROR, "messages failed")
+        self.send_log = RateLimitedLog(logging.WARNING, "batches to workers dropped")
 
     def bind(self) -> None:
         self.router.bind(self.endpoint)
 
     def stop(self, *_: object) -> None:
         self.running = False
+
+    # --- sending --------------------------------------------------------------------
 
     def send(self, out: Out) -> None:
         """Queue messages per worker; :meth:`flush` sends each worker one batch."""
@@ -82,25 +200,121 @@ class Broker:
 
     def flush(self) -> None:
         router = self.router
+        now = time.monotonic()
         for identity, box in self.outboxes.items():
             try:
                 router.send_multipart([identity, *envelope.encode_batch(box)], _NOBLOCK)
             except zmq.Again:
-                log.warning("dropping %d messages to a worker whose queue is full", len(box))
+                self.send_log(now, "dropping %d messages to worker %s: its queue is full",
+                              len(box), _peer(identity))
             except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone
-                log.info("dropping %d messages to unreachable worker %r: %s",
-                         len(box), identity, exc.strerror)
+                self.send_log(now, "dropping %d messages to unreachable worker %s: %s",
+                              len(box), _peer(identity), exc.strerror)
         self.outboxes = {}
+        self.resynced.clear()
+
+    # --- receiving ------------------------------------------------------------------
+
+    def read(self, now: float) -> bool:
+        """Move queued ZeroMQ messages into the per-peer inboxes (bounded, see the
+        module docstring). True if it stopped at a limit with more perhaps queued.
+
+        ZeroMQ's ROUTER hands out its peers' messages in turn (fair queuing), so even
+        while one peer floods, another peer's message is among the first few read.
+        """
+        router = self.router
+        workers = self.state.workers
+        for _ in range(READ_LIMIT):
+            if self.buffered >= BUFFER_LIMIT:
+                return True
+            try:
+                frames = router.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                return False
+            identity = frames[0]
+            worker = workers.get(identity)
+            if worker is not None:
+                # A sign of life as soon as it arrives: a worker whose messages wait
+                # behind its own flood is not purged for the wait.
+                worker.last_seen = now
+            self.receive(identity, frames[1:], now)
+        return True
+
+    def receive(self, identity: bytes, frames: list[bytes], now: float) -> None:
+        """Queue one ZeroMQ message from ``identity`` (without the identity frame)."""
+        try:
+            reader = envelope.Reader(frames)
+        except envelope.EnvelopeError as exc:
+            self._bad(identity, exc, now)
+            return
+        if not reader.remaining:  # an empty batch
+            return
+        inbox = self.inboxes.get(identity)
+        if inbox is None:
+            inbox = self.inboxes[identity] = deque()
+            self.ready.append(identity)
+        inbox.append(reader)
+        self.buffered += reader.remaining
+
+    def work(self, now: float) -> float:
+        """Handle the inboxes round-robin, :data:`PEER_SHARE` messages per peer, until
+        each ready peer has had one share or :data:`TURN_SECONDS` have passed. Returns
+        the time it finished."""
+        ready = self.ready
+        deadline = now + TURN_SECONDS
+        for _ in range(len(ready)):
+            identity = ready.popleft()
+            inbox = self.inboxes[identity]
+            self._take(identity, inbox, PEER_SHARE, now)
+            if inbox:
+                ready.append(identity)
+            else:
+                del self.inboxes[identity]
+            now = time.monotonic()
+            if now >= deadline:
+                break
+        return now
+
+    def _take(self, identity: bytes, inbox: deque[envelope.Reader], budget: int,
+              now: float) -> None:
+        """Handle up to ``budget`` messages from the front of ``inbox``."""
+        while budget and inbox:
+            reader = inbox[0]
+            take = min(budget, reader.remaining)
+            budget -= take
+            self.buffered -= take
+            for _ in range(take):
+                try:
+                    message = reader.next()
+                except envelope.EnvelopeError as exc:
+                    self._bad(identity, exc, now)
+                    continue
+                try:
+                    self.handle_one(identity, message, now)
+                except Exception:
+                    # Last line of defence: a bug must not end the broker (all workers
+                    # would lose their cluster state at once).
+                    self.handler_errors += 1
+                    self.error_log(now, "error handling %s from %s", type(message).__name__,
+                                   _peer(identity), exc_info=True)
+            if not reader.remaining:
+                inbox.popleft()
 
     def handle(self, frames: list[bytes], now: float) -> None:
+        """Handle one whole ZeroMQ message (identity first) at once, outside the
+        loop's shares (tests drive the broker with it)."""
         identity = frames[0]
-        try:
-            messages = envelope.decode_many(frames[1:])
-        except envelope.EnvelopeError as exc:
-            log.warning("bad message from %r: %s", identity, exc)
-            return
-        for message in messages:
-            self.handle_one(identity, message, now)
+        self.receive(identity, frames[1:], now)
+        inbox = self.inboxes.get(identity)
+        if inbox is not None:
+            self._take(identity, inbox, self.buffered, now)
+            if not inbox:
+                del self.inboxes[identity]
+                self.ready.remove(identity)
+
+    def _bad(self, identity: bytes, exc: Exception, now: float) -> None:
+        self.dropped_bad += 1
+        self.bad_log(now, "dropped a bad message from %s: %s", _peer(identity), exc)
 
     def handle_one(self, identity: bytes, message: envelope.Verb, now: float) -> None:
         state = self.state
@@ -110,7 +324,10 @@ class Broker:
             return
         if not state.seen(identity, now):
             # A worker we do not know: we restarted, or purged it while it was stalled.
-            self.send([(identity, Resync(self.epoch))])
+            # One RESYNC per flush is enough (it answers with a hello).
+            if identity not in self.resynced:
+                self.resynced.add(identity)
+                self.send([(identity, Resync(self.epoch))])
             return
         out: Out
         if isinstance(message, Publish):
@@ -133,8 +350,9 @@ class Broker:
             out = []
         elif isinstance(message, Bye):
             out = state.purge(identity)
-        else:
-            log.warning("unexpected %s from a worker", type(message).__name__)
+        else:  # a broker -> worker verb
+            self._bad(identity, envelope.EnvelopeError(
+                f"{type(message).__name__} is not for the broker"), now)
             out = []
         if out:
             self.send(out)
@@ -142,6 +360,7 @@ class Broker:
     def read_control(self) -> None:
         data = os.read(self.control_fd, 65536)
         if not data:  # the supervisor is gone
+            self.poller.unregister(self.control_fd)
             self.control_fd = -1
             self.running = False
             return
@@ -152,54 +371,63 @@ class Broker:
                 log.info("worker %s died; purging it", line.decode(errors="replace"))
                 self.send(self.state.purge_named(line.decode(errors="replace")))
 
-    def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        if self.control_fd >= 0:
-            poller.register(self.control_fd, zmq.POLLIN)
+    # --- the loop -------------------------------------------------------------------
+
+    def timers(self, now: float) -> None:
         interval = self.settings.heartbeat_interval
-        next_beat = 0.0
-        next_flush = 0.0
-        router = self.router
+        state = self.state
+        if now >= self.next_flush:
+            self.next_flush = now + COUNT_FLUSH_INTERVAL
+            self.send(state.flush_counts(now))
+            state.expire_cache(now)
+            self.bad_log.tick(now)
+            self.error_log.tick(now)
+            self.send_log.tick(now)
+        if now >= self.next_beat:
+            late = now - self.next_beat > interval
+            self.next_beat = now + interval
+            beat = Heartbeat(self.epoch)
+            self.send([(w, beat) for w in state.workers])
+            if late:
+                # We stalled ourselves (swapped out, SIGSTOP, one enormous message):
+                # silence was ours, not the workers'. Give them a fresh heartbeat window.
+                for worker in state.workers.values():
+                    worker.last_seen = now
+            for identity in state.expired(now, self.settings.heartbeat_timeout):
+                log.warning("worker %s stopped heartbeating; purging it", _peer(identity))
+                self.send(state.purge(identity))
+        if state.webhooks:
+            # Webhook delivery is not built yet (its own issue); keep memory bounded.
+            state.webhooks.clear()
+
+    def turn(self) -> None:
+        """One loop turn: wait for input (not at all while work is pending), read a
+        bounded amount, handle a bounded share per peer, run the timers, send."""
+        now = time.monotonic()
+        if self.ready or self.backlog:
+            timeout = 0
+        else:
+            due = min(self.next_flush, self.next_beat) - now
+            timeout = max(0, min(POLL_MS, int(due * 1000) + 1))
+        events = dict(self.poller.poll(timeout=timeout))
+        now = time.monotonic()
+        if self.control_fd >= 0 and self.control_fd in events:
+            self.read_control()
+        self.backlog = self.read(now)
+        now = self.work(now)
+        try:
+            self.timers(now)
+        except Exception:  # a bug; the next turn tries again
+            self.handler_errors += 1
+            self.error_log(now, "error in the broker's timers", exc_info=True)
+        if self.outboxes:
+            self.flush()
+
+    def run(self) -> None:
+        self.next_flush = self.next_beat = time.monotonic()
         while self.running:
-            events = dict(poller.poll(timeout=50))
-            now = time.time()
-            if self.control_fd in events:
-                self.read_control()
-            if self.router in events:
-                # Drain everything queued, bounded so timers still run under load;
-                # answers leave in batches, at least every FLUSH_EVERY inbound messages.
-                for n in range(1, 10_001):
-                    try:
-                        frames = router.recv_multipart(_NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.handle(frames, now)
-                    if n % FLUSH_EVERY == 0:
-                        self.flush()
-            if now >= next_flush:
-                next_flush = now + COUNT_FLUSH_INTERVAL
-                self.send(self.state.flush_counts(now))
-                self.state.expire_cache(now)
-            if now >= next_beat:
-                late = now - next_beat > interval
-                next_beat = now + interval
-                beat = Heartbeat(self.epoch)
-                self.send([(w, beat) for w in self.state.workers])
-                if late:
-                    # We stalled ourselves (swapped out, SIGSTOP, huge burst): silence was
-                    # ours, not the workers'. Give them a fresh heartbeat window.
-                    for worker in self.state.workers.values():
-                        worker.last_seen = now
-                for identity in self.state.expired(now, self.settings.heartbeat_timeout):
-                    log.warning("worker %r stopped heartbeating; purging it", identity)
-                    self.send(self.state.purge(identity))
-            if self.state.webhooks:
-                # Webhook delivery is not built yet (its own issue); keep memory bounded.
-                self.state.webhooks.clear()
-            if self.outboxes:
-                self.flush()
-        router.close(linger=0)
+            self.turn()
+        self.router.close(linger=0)
 
 
 def serve(settings: Settings, endpoint: str, parent_pid: int = 0,

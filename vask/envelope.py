@@ -18,7 +18,10 @@ broker sharded by channel hash can route on them without reading anything else.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from operator import call as _call
 from typing import Any, ClassVar
 
 import orjson
@@ -27,7 +30,8 @@ ENVELOPE_VERSION = 1
 
 
 class EnvelopeError(ValueError):
-    """A message that does not follow the envelope (unknown verb, wrong field count)."""
+    """A message that does not follow the envelope (unknown verb, wrong field count, a
+    field of the wrong type or length)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +254,110 @@ _FIELDS: dict[type[Verb], tuple[str, ...]] = {
 }
 
 
+# --- field validation -------------------------------------------------------------------
+#
+# ``decode`` checks every field of every verb, so whatever it returns can be handed to
+# the broker state (or the worker) without further checks: a peer that sends a
+# well-framed message with a wrong field (an empty presence member, a string TTL, a list
+# where a name belongs) gets an ``EnvelopeError`` here instead of an exception deep
+# inside the state, half-way through a change.
+
+#: Longest name field (app id, channel, socket id, user id, worker name, query kind), in
+#: characters. Far above anything legitimate (channel names default to at most 200,
+#: user ids 128, socket ids about 20); it only keeps absurd keys out of the broker's maps.
+MAX_NAME_LENGTH = 4096
+#: Integers travel as JSON numbers; orjson reads at most 64 bits. Every integer field is
+#: a count, an id, a time in microseconds or a close code, so none is negative.
+_INT_LIMIT = 2**63
+
+
+def _name(value: object) -> bool:
+    return type(value) is str and 0 < len(value) <= MAX_NAME_LENGTH
+
+
+def _name_or_empty(value: object) -> bool:
+    return type(value) is str and len(value) <= MAX_NAME_LENGTH
+
+
+def _names(value: object) -> bool:
+    return type(value) is list and all(_name(v) for v in value)
+
+
+def _text(value: object) -> bool:
+    return type(value) is str
+
+
+def _count(value: object) -> bool:
+    # type() is int, not isinstance: JSON true/false decode to bool, a subclass of int
+    return type(value) is int and 0 <= value < _INT_LIMIT
+
+
+def _flag(value: object) -> bool:
+    return type(value) is bool
+
+
+def _seconds(value: object) -> bool:
+    if type(value) is float:
+        return math.isfinite(value) and value >= 0.0
+    return _count(value)
+
+
+def _object(value: object) -> bool:
+    return type(value) is dict
+
+
+def _member(value: object) -> bool:
+    # [user_id, user_info]; user_info is any JSON value
+    return value is None or (type(value) is list and len(value) == 2 and _name(value[0]))
+
+
+def _payload(value: object) -> bool:
+    return type(value) is bytes
+
+
+_Check = Callable[[object], bool]
+_WHAT: dict[_Check, str] = {
+    _name: f"a non-empty string of at most {MAX_NAME_LENGTH} characters",
+    _name_or_empty: f"a string of at most {MAX_NAME_LENGTH} characters",
+    _names: f"a list of non-empty strings of at most {MAX_NAME_LENGTH} characters",
+    _text: "a string",
+    _count: "an integer from 0 to 2**63-1",
+    _flag: "true or false",
+    _seconds: "a finite number >= 0",
+    _object: "a JSON object",
+    _member: "null or [user_id, user_info] with a non-empty string user_id",
+    _payload: "bytes",
+}
+
+#: one check per field, in declaration order (the payload field included)
+_CHECKS: dict[type[Verb], tuple[_Check, ...]] = {
+    Hello: (_count, _name, _count, _count, _count),
+    Welcome: (_flag, _count, _text),
+    Heartbeat: (_count,),
+    Resync: (_count,),
+    Bye: (_name,),
+    ConnOpen: (_count, _name, _name, _count),
+    ConnClose: (_name, _name),
+    Subscribe: (_count, _name, _name, _name, _member, _count),
+    Unsubscribe: (_name, _name, _name),
+    SignIn: (_name, _name, _name, _names),
+    Publish: (_name, _name, _name_or_empty, _seconds, _payload, _flag),
+    Deliver: (_name, _name, _name_or_empty, _payload),
+    DeliverTo: (_names, _payload),
+    Terminate: (_names, _count, _text),
+    TerminateUser: (_name, _name),
+    Query: (_count, _name, _name, _object),
+    Reply: (_count, _object),
+}
+assert _CHECKS.keys() == _FIELDS.keys()
+assert all(len(_CHECKS[cls]) == len(_FIELDS[cls]) for cls in _CHECKS)
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
 def encode(message: Verb) -> list[bytes]:
     """The multipart frames for ``message`` (without any routing identity)."""
     cls = type(message)
@@ -262,7 +370,11 @@ def encode(message: Verb) -> list[bytes]:
 
 
 def decode(frames: list[bytes]) -> Verb:
-    """Parse multipart ``frames`` (without identity) back into a verb object."""
+    """Parse multipart ``frames`` (without identity) back into a verb object.
+
+    Raises :class:`EnvelopeError` for anything that is not a valid message, including a
+    field of the wrong type, an empty name or an over-long one (``docs/envelope.md``).
+    """
     if len(frames) < 2:
         raise EnvelopeError(f"expected at least 2 frames, got {len(frames)}")
     cls = VERBS.get(bytes(frames[0]))
@@ -274,16 +386,23 @@ def decode(frames: list[bytes]) -> Verb:
         raise EnvelopeError(f"{cls.__name__}: header is not JSON ({exc})") from None
     if not isinstance(header, list):
         raise EnvelopeError(f"{cls.__name__}: header must be a JSON array")
+    names = _FIELDS[cls]
     if cls.PAYLOAD is not None:
         if len(frames) != 3:
             raise EnvelopeError(f"{cls.__name__}: expected a payload frame")
-        names = _FIELDS[cls]
-        index = names.index(cls.PAYLOAD)
-        header.insert(index, bytes(frames[2]))
-    if len(header) != len(_FIELDS[cls]):
+        header.insert(names.index(cls.PAYLOAD), bytes(frames[2]))
+    elif len(frames) != 2:
+        raise EnvelopeError(f"{cls.__name__}: expected 2 frames, got {len(frames)}")
+    if len(header) != len(names):
         raise EnvelopeError(
-            f"{cls.__name__}: expected {len(_FIELDS[cls])} fields, got {len(header)}"
+            f"{cls.__name__}: expected {len(names)} fields, got {len(header)}"
         )
+    checks = _CHECKS[cls]
+    if not all(map(_call, checks, header)):  # C-level loop: this is on the hot path
+        for check, value, name in zip(checks, header, names, strict=True):
+            if not check(value):
+                raise EnvelopeError(
+                    f"{cls.__name__}.{name}: expected {_WHAT[check]}, got {_describe(value)}")
     return cls(*header)
 
 
@@ -311,20 +430,58 @@ def encode_batch(messages: list[list[bytes]]) -> list[bytes]:
     return out
 
 
+class Reader:
+    """The envelope messages in one ZeroMQ message (a batch or a single message), decoded
+    one at a time.
+
+    The constructor checks the batch framing (and raises :class:`EnvelopeError` if it is
+    wrong: then nothing in the ZeroMQ message can be trusted). Each :meth:`next` decodes
+    one message; a bad one raises :class:`EnvelopeError` but the reader moves past it, so
+    the caller may drop it and go on. Decoding lazily lets the broker spread one huge
+    batch over several loop turns instead of decoding it all at once.
+    """
+
+    __slots__ = ("_at", "_counts", "_frames", "_index")
+
+    def __init__(self, frames: list[bytes]) -> None:
+        if not frames:
+            raise EnvelopeError("empty message")
+        self._frames = frames
+        self._index = 0
+        self._at = 0
+        if bytes(frames[0]) != BATCH:
+            self._counts = [len(frames)]
+            return
+        if len(frames) < 2:
+            raise EnvelopeError("BATCH: bad frame counts")
+        try:
+            counts = orjson.loads(frames[1])
+        except orjson.JSONDecodeError:
+            raise EnvelopeError("BATCH: bad frame counts") from None
+        # Types first: sum() of anything but ints would raise TypeError.
+        if not isinstance(counts, list) \
+                or not all(type(c) is int and 2 <= c <= 3 for c in counts) \
+                or sum(counts) != len(frames) - 2:
+            raise EnvelopeError("BATCH: frame counts do not match the frames")
+        self._counts = counts
+        self._at = 2
+
+    @property
+    def remaining(self) -> int:
+        """Messages not yet taken."""
+        return len(self._counts) - self._index
+
+    def next(self) -> Verb:
+        """Decode the next message (the caller checks :attr:`remaining` first)."""
+        count = self._counts[self._index]
+        at = self._at
+        self._index += 1
+        self._at = at + count
+        return decode(self._frames[at:at + count])
+
+
 def decode_many(frames: list[bytes]) -> list[Verb]:
-    """All messages in ``frames``: a batch, or a single message."""
-    if bytes(frames[0]) != BATCH:
-        return [decode(frames)]
-    try:
-        counts = orjson.loads(frames[1])
-    except (orjson.JSONDecodeError, IndexError):
-        raise EnvelopeError("BATCH: bad frame counts") from None
-    if not isinstance(counts, list) or sum(counts) != len(frames) - 2 \
-            or not all(isinstance(c, int) and c >= 2 for c in counts):
-        raise EnvelopeError("BATCH: frame counts do not match the frames")
-    out = []
-    at = 2
-    for count in counts:
-        out.append(decode(frames[at:at + count]))
-        at += count
-    return out
+    """All messages in ``frames``: a batch, or a single message. Any bad message makes
+    the whole ZeroMQ message an :class:`EnvelopeError`."""
+    reader = Reader(frames)
+    return [reader.next() for _ in range(reader.remaining)]
