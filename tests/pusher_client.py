@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import websockets
@@ -83,6 +83,17 @@ class PusherClient:
             lambda f: f.get("event") == event and (channel is None or f.get("channel") == channel),
             timeout)
 
+    async def absent(self, unwanted: Callable[[Frame], bool], marker: Callable[[Frame], bool],
+                     timeout: float = 10.0) -> None:
+        """Check that nothing ``unwanted`` arrived, without sleeping: wait for a frame
+        matching ``marker`` (which the test caused *after* whatever could have produced
+        an unwanted frame, on a path that delivers in order), then fail if any frame
+        received so far is unwanted. Under load this waits longer instead of passing
+        wrongly."""
+        await self.wait(marker, timeout)
+        bad = [f for f in self.frames if unwanted(f)]
+        assert not bad, f"unwanted frames arrived before the marker: {bad}"
+
     def events(self, event: str, channel: str | None = None) -> list[Frame]:
         return [f for f in self.frames
                 if f.get("event") == event and (channel is None or f.get("channel") == channel)]
@@ -120,3 +131,64 @@ async def connect_many(url: str, count: int, **kwargs: Any) -> list[PusherClient
 
 async def close_all(clients: list[PusherClient]) -> None:
     await asyncio.gather(*(c.close() for c in clients))
+
+
+# --- placing clients on workers ------------------------------------------------------------
+#
+# A socket id is "{worker prefix}.{n}": the prefix (random, unique per worker process)
+# names the worker that holds the connection. SO_REUSEPORT spreads new connections over
+# the workers by a hash of the address pair, so a test that needs clients on particular
+# workers connects until one lands where it is wanted, closing the others.
+
+#: connections tried per placement before giving up (with W workers a connection misses
+#: a wanted worker with probability (W-1)/W: 0.67**60 is about 4e-11)
+PLACEMENT_ATTEMPTS = 60
+
+
+def worker_of(client: PusherClient) -> str:
+    """The id prefix of the worker holding ``client``."""
+    return client.socket_id.split(".")[0]
+
+
+def workers_of(clients: list[PusherClient]) -> set[str]:
+    return {worker_of(c) for c in clients}
+
+
+async def connect_on_worker(url: str, *, want: str | None = None,
+                            avoid: Collection[str] = (),
+                            attempts: int = PLACEMENT_ATTEMPTS,
+                            **kwargs: Any) -> PusherClient:
+    """A connected client on worker ``want``, or (without ``want``) on a worker whose
+    prefix is not in ``avoid``. Connections that land elsewhere are closed. After
+    ``attempts`` misses it fails, naming the workers it saw."""
+    seen: dict[str, int] = {}
+    for _ in range(attempts):
+        client = await PusherClient.connect(url, **kwargs)
+        prefix = worker_of(client)
+        if (prefix == want) if want is not None else (prefix not in avoid):
+            return client
+        seen[prefix] = seen.get(prefix, 0) + 1
+        await client.close()
+    target = f"worker {want}" if want is not None else f"a worker other than {sorted(avoid)}"
+    raise AssertionError(f"no connection landed on {target} in {attempts} attempts; "
+                         f"they landed on {seen}")
+
+
+async def connect_spread(url: str, count: int, workers: int,
+                         **kwargs: Any) -> list[PusherClient]:
+    """``count`` clients over ``workers`` distinct workers, round-robin: client ``i`` is
+    on the same worker as client ``i % workers``, and clients 0..workers-1 are on
+    different workers (so ``count >= workers`` covers every worker)."""
+    clients: list[PusherClient] = []
+    try:
+        for i in range(count):
+            if i < workers:
+                clients.append(await connect_on_worker(url, avoid=workers_of(clients),
+                                                       **kwargs))
+            else:
+                clients.append(await connect_on_worker(
+                    url, want=worker_of(clients[i % workers]), **kwargs))
+    except BaseException:
+        await close_all(clients)
+        raise
+    return clients
