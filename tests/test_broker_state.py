@@ -1,12 +1,22 @@
-"""Cluster-wide rules of the broker state, driven with envelope messages (no sockets)."""
+"""Cluster-wide rules of the broker state, driven with envelope messages (no sockets),
+and the broker loop (``broker/server.py``) driven turn by turn over in-process ZeroMQ
+sockets: fair shares under a flood, bad input dropped and counted."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
+import pytest
+import zmq
 
+from vask import envelope
+from vask.broker import server
+from vask.broker.server import Broker
 from vask.broker.state import ClusterState
 from vask.config import App, Settings, Webhook
 from vask.envelope import (
@@ -15,6 +25,7 @@ from vask.envelope import (
     ConnOpen,
     Deliver,
     DeliverTo,
+    Heartbeat,
     Hello,
     Publish,
     Query,
@@ -24,6 +35,7 @@ from vask.envelope import (
     Terminate,
     TerminateUser,
     Unsubscribe,
+    Verb,
     Welcome,
 )
 
@@ -275,3 +287,291 @@ def test_local_first_publishes_skip_the_origin_worker() -> None:
     assert [w for w, _ in out] == [W2]  # W1 delivered to 1.2 itself
     out = state.publish(W1, Publish("1", "private-chat", "", 0, b"{}"), 0)
     assert sorted(w for w, _ in out) == [W1, W2]
+
+
+# --- per-connection bookkeeping is O(1) per channel -------------------------------------
+
+
+def test_a_connection_with_twenty_thousand_channels_closes_exactly() -> None:
+    state = cluster()
+    connect(state, W1, "1.1")
+    connect(state, W2, "2.1")
+    n = 20_000
+    for i in range(n):
+        sub(state, W1, "1.1", f"c{i}")
+    for i in range(0, n, 1000):  # another worker shares every 1000th channel
+        sub(state, W2, "2.1", f"c{i}")
+    sub(state, W1, "1.1", "presence-r", ["ada", None])
+    sub(state, W2, "2.1", "presence-r", ["bob", None])
+    info = state.sockets[("1", "1.1")]
+    # A mapping, not a list: membership, removal and the routing check cost O(1).
+    assert isinstance(info.channels, dict)
+    assert len(info.channels) == n + 1
+    assert info.channels["presence-r"] == "ada" and info.channels["c7"] is None
+    for i in range(1, n, 2):  # unsubscribe every odd channel
+        state.unsubscribe(W1, Unsubscribe("1", f"c{i}", "1.1"))
+    assert len(info.channels) == n // 2 + 1
+    assert len(state.channels) == n // 2 + 1
+    hooks(state)
+    out = state.conn_close(W1, ConnClose("1", "1.1"))
+    # exactly the channels 2.1 shares survive, with W2 as their only worker
+    assert set(state.channels) == {("1", f"c{i}") for i in range(0, n, 1000)} | {
+        ("1", "presence-r")}
+    assert all(c.per_worker == {W2: 1} and c.count == 1 for c in state.channels.values())
+    assert state.channels[("1", "presence-r")].members == {"bob": {"2.1": None}}
+    assert ("1", "1.1") not in state.sockets
+    assert state.workers[W1].sockets == set()
+    assert state.connections["1"] == 1
+    assert [(w, f["event"]) for w, _, _, f in delivered(out)] == [
+        (W2, "pusher_internal:member_removed")]
+    vacated = [h for h in hooks(state) if h["name"] == "channel_vacated"]
+    assert len(vacated) == n // 2 - n // 1000
+
+
+def test_purge_of_a_worker_with_many_sockets_leaves_nothing_behind() -> None:
+    state = cluster()
+    for s in range(200):
+        connect(state, W1, f"1.{s}")
+        for c in range(50):
+            sub(state, W1, f"1.{s}", f"c{(s + c) % 300}")
+    state.purge(W1)
+    assert state.channels == {} and state.sockets == {} and W1 not in state.workers
+    assert state.connections["1"] == 0
+
+
+def test_sign_in_after_a_sub_to_the_own_user_channel_counts_once() -> None:
+    state = cluster()
+    connect(state, W1, "1.1")
+    sub(state, W1, "1.1", "#server-to-user-u")
+    state.sign_in(W1, SignIn("1", "1.1", "u", []))
+    assert state.channels[("1", "#server-to-user-u")].count == 1
+    state.conn_close(W1, ConnClose("1", "1.1"))
+    assert state.channels == {}
+
+
+def test_a_worker_cannot_unsubscribe_or_close_another_workers_connection() -> None:
+    state = cluster()
+    connect(state, W1, "1.1")
+    sub(state, W1, "1.1", "news")
+    assert state.unsubscribe(W2, Unsubscribe("1", "news", "1.1")) == []
+    assert state.conn_close(W2, ConnClose("1", "1.1")) == []
+    assert state.channels[("1", "news")].count == 1
+    assert ("1", "1.1") in state.sockets
+
+
+def test_cache_expiry_keeps_republished_entries_and_its_heap_stays_bounded() -> None:
+    state = cluster()
+    state.publish(W1, Publish("1", "cache-a", "", 10.0, b"{}"), now=0.0)
+    state.publish(W1, Publish("1", "cache-b", "", 10.0, b"{}"), now=0.0)
+    state.publish(W1, Publish("1", "cache-a", "", 10.0, b'{"v":2}'), now=5.0)  # until 15
+    state.expire_cache(12.0)
+    assert set(state.cache) == {("1", "cache-a")}
+    state.expire_cache(15.0)
+    assert state.cache == {}
+    for t in range(10_000):  # one channel published to again and again
+        state.publish(W1, Publish("1", "cache-a", "", 100.0, b"{}"), now=float(t))
+    assert len(state.cache_expiry) <= 2 * len(state.cache) + 65
+    state.expire_cache(10_098.0)
+    assert set(state.cache) == {("1", "cache-a")}
+
+
+def test_a_channel_query_survives_a_cached_payload_that_is_not_an_object() -> None:
+    state = cluster()
+    state.publish(W1, Publish("1", "cache-x", "", 60.0, b"[1, 2]"), now=0.0)
+    body = state.query(W1, Query(1, "1", "channel", {"channel": "cache-x"}), 1.0)[0][1].body
+    assert body["cache"] is None and "error" not in body
+
+
+# --- the broker loop --------------------------------------------------------------------
+
+FLOOD_BATCHES = 160
+FLOOD_BATCH = 250  # envelope messages per batch: 40,000 in all
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    settings = Settings(apps=(APP,), heartbeat_interval=3600.0, heartbeat_timeout=7200.0)
+    b = Broker(settings, f"inproc://broker-test-{uuid.uuid4().hex}")
+    b.bind()
+    yield b
+    b.router.close(linger=0)
+
+
+@pytest.fixture
+def peers() -> Iterator[list[zmq.Socket[bytes]]]:
+    made: list[zmq.Socket[bytes]] = []
+    yield made
+    for sock in made:
+        sock.close(linger=0)
+
+
+def dealer(broker: Broker, peers: list[zmq.Socket[bytes]], name: bytes) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, name)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(broker.endpoint)
+    peers.append(sock)
+    return sock
+
+
+def received(sock: zmq.Socket[bytes]) -> list[Verb]:
+    out: list[Verb] = []
+    while sock.poll(0):
+        out += envelope.decode_many(sock.recv_multipart())
+    return out
+
+
+def welcomed(broker: Broker, sock: zmq.Socket[bytes], name: str, prefix: int) -> None:
+    sock.send_multipart(envelope.encode(Hello(ENVELOPE_VERSION, name, 1, prefix, 1)))
+    for _ in range(100):
+        broker.turn()
+        if Welcome(True, broker.epoch, "") in received(sock):
+            return
+    raise AssertionError("no welcome")
+
+
+def test_a_flooding_worker_gets_its_share_and_the_others_are_answered_meanwhile(
+        broker: Broker, peers: list[zmq.Socket[bytes]]) -> None:
+    flooder, other = dealer(broker, peers, b"a"), dealer(broker, peers, b"b")
+    welcomed(broker, flooder, "a", 100)
+    welcomed(broker, other, "b", 200)
+    total = FLOOD_BATCHES * FLOOD_BATCH
+    for b in range(FLOOD_BATCHES):
+        flooder.send_multipart(envelope.encode_batch([
+            envelope.encode(Subscribe(0, "1", f"c{b * FLOOD_BATCH + i}", "100.1", None, 0))
+            for i in range(FLOOD_BATCH)]))
+    flooder.send_multipart(envelope.encode(Query(1, "1", "counts", {"channels": []})))
+    other.send_multipart(envelope.encode(Query(2, "1", "counts", {"channels": []})))
+
+    # Each peer gets one share per turn, in turn. (A turn may end after the flooder's
+    # share if that took TURN_SECONDS on a busy machine; the next turn starts with the
+    # other peer, so its answer comes in one of the first two turns.)
+    answered: list[Verb] = []
+    for _ in range(2):
+        broker.turn()
+        answered += [m for m in received(other) if isinstance(m, Reply)]
+        if answered:
+            break
+    assert answered == [Reply(2, {"channels": {}})]
+    assert 0 < len(broker.state.channels) <= 2 * server.PEER_SHARE
+    assert received(flooder) == []
+    # Timers run in every turn while the flood is being worked through.
+    broker.next_beat = 0.0
+    broker.turn()
+    assert Heartbeat(broker.epoch) in received(other)
+    assert len(broker.state.channels) < total
+    # The flood is then handled completely, in order, and its own query answered last.
+    answer: list[Verb] = []
+    for _ in range(total // server.PEER_SHARE * 4):
+        broker.turn()
+        answer = [m for m in received(flooder) if isinstance(m, Reply)]
+        if answer:
+            break
+    assert answer == [Reply(1, {"channels": {}})]
+    assert len(broker.state.channels) == total
+    assert broker.buffered == 0 and broker.inboxes == {} and not broker.ready
+
+
+def test_reading_stops_at_the_buffer_limit(
+        broker: Broker, peers: list[zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server, "BUFFER_LIMIT", 1000)
+    flooder = dealer(broker, peers, b"a")
+    welcomed(broker, flooder, "a", 100)
+    for _ in range(20):
+        flooder.send_multipart(envelope.encode_batch(
+            [envelope.encode(Heartbeat(1))] * 100))
+    assert flooder.poll(0) == 0
+    broker.poller.poll(1000)
+    assert broker.read(0.0) is True  # stopped at the limit, more queued
+    assert broker.buffered == 1000
+    assert sum(r.remaining for r in broker.inboxes[b"a"]) == 1000
+
+
+def bad_frames() -> list[list[bytes]]:
+    """Well-framed messages with wrong contents, and a few that are not even that."""
+    pub = envelope.encode(Publish("1", "news", "", 0.0, b"{}"))
+    return [
+        [b"SUB", b'[1,"1","presence-r","1.1",[],100]'],  # empty member
+        [b"SUB", b'[1,"1","presence-r","1.1",[null,{}],100]'],  # null user id
+        [b"PUB", b'["1","news","","60",false]', b"{}"],  # string cache_ttl
+        [b"PUB", b'["1","news","",true,false]', b"{}"],  # bool cache_ttl
+        [b"SUB", b'[true,"1","c","1.1",null,0]'],  # bool rid
+        [b"SUB", b'[1,"","c","1.1",null,0]'],  # empty app
+        [b"SUB", b'[1,"1",["c"],"1.1",null,0]'],  # channel not a string
+        [b"SIGNIN", b'["1","1.1","u",[1,2]]'],  # watchlist of ints
+        [b"OPEN", b'[1,"1","1.1",-5]'],  # negative quota
+        [b"Q", b'[1,"1","channels",[]]'],  # args not an object
+        [b"UNSUB", b'["1","' + b"c" * 5000 + b'","1.1"]'],  # channel too long
+        [b"SUB", b"{not json"],
+        [b"NOPE", b"[]"],
+        [b"HB"],
+        [*pub, b"extra"],
+        [b"BATCH", b'["x"]', b"HB", b"[1]"],
+        [b"DLV", b'["1","news",""]', b"{}"],  # a broker -> worker verb
+    ]
+
+
+def test_bad_messages_are_dropped_and_counted_and_the_broker_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    b = Broker(Settings(apps=(APP,)), "inproc://unused")
+    try:
+        b.handle([W1, *envelope.encode(Hello(ENVELOPE_VERSION, "w1", 1, 100, 1))], 0.0)
+        b.outboxes.clear()
+        caplog.set_level(logging.WARNING, "vask.broker")
+        bad = bad_frames()
+        for frames in bad:
+            b.handle([W1, *frames], 0.0)
+        assert b.dropped_bad == len(bad)
+        assert b.handler_errors == 0
+        assert len(caplog.records) == 1  # rate-limited: one line per LOG_INTERVAL
+        b.bad_log.tick(5.0)
+        assert f"{len(bad) - 1} more bad messages dropped" in caplog.records[-1].getMessage()
+        # A batch with one bad message among good ones: the good ones are handled.
+        good = envelope.encode(Subscribe(0, "1", "news", "1.1", None, 0))
+        b.handle([W1, *envelope.encode_batch([good, bad[0], envelope.encode(
+            Subscribe(7, "1", "other", "1.1", None, 0))])], 0.0)
+        assert b.dropped_bad == len(bad) + 1
+        assert set(b.state.channels) == {("1", "news"), ("1", "other")}
+        assert b.outboxes[W1] == [envelope.encode(Reply(7, {"ok": True}))]
+    finally:
+        b.router.close(linger=0)
+
+
+def test_an_exception_while_handling_one_message_is_logged_and_counted(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    b = Broker(Settings(apps=(APP,)), "inproc://unused")
+    try:
+        b.handle([W1, *envelope.encode(Hello(ENVELOPE_VERSION, "w1", 1, 100, 1))], 0.0)
+
+        def broken(*_: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(b.state, "publish", broken)
+        pub = envelope.encode(Publish("1", "news", "", 0.0, b"{}"))
+        query = envelope.encode(Query(3, "1", "counts", {"channels": []}))
+        for _ in range(50):
+            b.handle([W1, *envelope.encode_batch([pub, query])], 0.0)
+        assert b.handler_errors == 50
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info is not None
+        # every query after a failing publish was still answered
+        assert b.outboxes[W1].count(envelope.encode(Reply(3, {"channels": {}}))) == 50
+    finally:
+        b.router.close(linger=0)
+
+
+def test_unknown_peers_get_one_resync_per_flush() -> None:
+    b = Broker(Settings(apps=(APP,)), "inproc://unused")
+    try:
+        beat = envelope.encode(Heartbeat(1))
+        b.handle([b"ghost", *envelope.encode_batch([beat] * 100)], 0.0)
+        assert len(b.outboxes[b"ghost"]) == 1
+    finally:
+        b.router.close(linger=0)
+
+
+def test_the_frame_limit_follows_the_settings() -> None:
+    assert server.max_frame_bytes(Settings()) == server.MAX_FRAME_BYTES
+    big = Settings(max_http_body_bytes=100 * 1024 * 1024)
+    assert server.max_frame_bytes(big) > 400 * 1024 * 1024

@@ -102,3 +102,80 @@ def test_batches_round_trip_and_single_messages_stay_unwrapped() -> None:
 def test_bad_batches_are_refused(frames: list[bytes]) -> None:
     with pytest.raises(EnvelopeError, match="BATCH"):
         envelope.decode_many(frames)
+
+
+@pytest.mark.parametrize(
+    "frames, problem",
+    [
+        ([b"SUB", b'[1,"1","presence-r","1.1",[],100]'], "Subscribe.member"),
+        ([b"SUB", b'[1,"1","presence-r","1.1",["",null],100]'], "Subscribe.member"),
+        ([b"SUB", b'[1,"1","presence-r","1.1",[7,null],100]'], "Subscribe.member"),
+        ([b"SUB", b'[1,"1","presence-r","1.1",["u",null,1],100]'], "Subscribe.member"),
+        ([b"SUB", b'[1,"1","presence-r","1.1","u",100]'], "Subscribe.member"),
+        ([b"SUB", b'[true,"1","c","1.1",null,0]'], "Subscribe.rid"),
+        ([b"SUB", b'[1.5,"1","c","1.1",null,0]'], "Subscribe.rid"),
+        ([b"SUB", b'[-1,"1","c","1.1",null,0]'], "Subscribe.rid"),
+        ([b"SUB", b'[1,"","c","1.1",null,0]'], "Subscribe.app"),
+        ([b"SUB", b'[1,"1",null,"1.1",null,0]'], "Subscribe.channel"),
+        ([b"SUB", b'[1,"1","c","",null,0]'], "Subscribe.socket_id"),
+        ([b"SUB", b'[1,"1","c","1.1",null,"5"]'], "Subscribe.max_members"),
+        ([b"PUB", b'["1","news","","60",false]', b"{}"], "Publish.cache_ttl"),
+        ([b"PUB", b'["1","news","",-1,false]', b"{}"], "Publish.cache_ttl"),
+        ([b"PUB", b'["1","news","",false,false]', b"{}"], "Publish.cache_ttl"),
+        ([b"PUB", b'["1","news","",0,"yes"]', b"{}"], "Publish.local_first"),
+        ([b"PUB", b'["1","news",null,0,false]', b"{}"], "Publish.exclude"),
+        ([b"UNSUB", b'["1","' + b"c" * 4097 + b'","1.1"]'], "Unsubscribe.channel"),
+        ([b"SIGNIN", b'["1","1.1","u",["a",""]]'], "SignIn.watchlist"),
+        ([b"SIGNIN", b'["1","1.1","u","a"]'], "SignIn.watchlist"),
+        ([b"Q", b'[1,"1","channels",[]]'], "Query.args"),
+        ([b"Q", b'[1,"1","",{}]'], "Query.kind"),
+        ([b"R", b'[1,[]]'], "Reply.body"),
+        ([b"HELLO", b'[1,"w",1,100,"1"]'], "Hello.pid"),
+        ([b"WELCOME", b'[1,1,""]'], "Welcome.ok"),
+        ([b"TERM", b'[["1.1"],4200,null]'], "Terminate.message"),
+        ([b"HB", b"[1]", b"extra"], "expected 2 frames"),
+        ([b"HB", b"[18446744073709551615]"], "Heartbeat.epoch"),  # above 2**63 - 1
+    ],
+)
+def test_fields_of_the_wrong_type_or_length_are_refused(frames: list[bytes],
+                                                        problem: str) -> None:
+    with pytest.raises(EnvelopeError, match=problem):
+        envelope.decode(frames)
+
+
+def test_the_longest_names_and_zero_values_are_accepted() -> None:
+    name = "c" * envelope.MAX_NAME_LENGTH
+    for message in (Subscribe(0, name, name, name, [name, None], 0),
+                    Publish("1", "c", "", 0, b""), Publish("1", "c", "", 0.0, b"", True),
+                    Hello(0, "w", 0, 0, 0), Query(0, "1", "k", {}), Reply(0, {})):
+        assert envelope.decode(envelope.encode(message)) == message
+
+
+@pytest.mark.parametrize("frames", [
+    [],
+    [b"BATCH"],
+    [b"BATCH", b'["x"]', b"HB", b"[1]"],  # (summing these used to raise TypeError)
+    [b"BATCH", b"[true, true]", b"HB", b"[1]"],
+    [b"BATCH", b"[4]", b"HB", b"[1]", b"a", b"b"],
+])
+def test_bad_framing_is_an_envelope_error(frames: list[bytes]) -> None:
+    with pytest.raises(EnvelopeError):
+        envelope.decode_many(frames)
+
+
+def test_the_reader_decodes_one_message_at_a_time_and_steps_over_bad_ones() -> None:
+    good = [envelope.encode(m) for m in SAMPLES[:3]]
+    bad = [b"SUB", b'[1,"1","presence-r","1.1",[],100]']
+    reader = envelope.Reader(envelope.encode_batch([good[0], bad, good[1], good[2]]))
+    assert reader.remaining == 4
+    assert reader.next() == SAMPLES[0]
+    with pytest.raises(EnvelopeError, match="member"):
+        reader.next()
+    assert reader.remaining == 2
+    assert [reader.next(), reader.next()] == SAMPLES[1:3]
+    assert reader.remaining == 0
+    single = envelope.Reader(good[0])
+    assert single.remaining == 1 and single.next() == SAMPLES[0]
+    # decode_many keeps its all-or-nothing contract
+    with pytest.raises(EnvelopeError):
+        envelope.decode_many(envelope.encode_batch([good[0], bad]))
