@@ -27,6 +27,7 @@ from pusher.http import process_response
 from vask.config import App, Settings
 from vask.envelope import Publish, TerminateUser, Verb
 from vask.workers.api_adapter import ApiAdapter
+from vask.workers.http import http_response
 from vask.workers.http_api import (
     CONTENT_TYPE,
     ApiContext,
@@ -638,8 +639,27 @@ def test_settings_are_read_per_request() -> None:
     assert run(request("POST", "/apps/3/events", body), ctx).status == 200
 
 
-def test_content_type_constant() -> None:
-    assert CONTENT_TYPE == "application/json"
+def test_every_answer_is_a_json_object_sent_as_content_type() -> None:
+    """Whatever the outcome, the body is a JSON object and the wire response that the
+    worker builds from it (``http_response``) declares ``CONTENT_TYPE``."""
+    ctx = FakeContext()
+    ctx.replies["channels"] = {"channels": {"a": {"subscription_count": 1}}}
+    event = {"name": "e", "channel": "a", "data": "x"}
+    answers = [
+        (200, run(request("POST", "/apps/3/events", event), ctx)),
+        (200, run(request("GET", "/apps/3/channels"), ctx)),
+        (401, run(ApiRequest("GET", "/apps/3/channels", "", {}, b""), ctx)),
+        (404, run(ApiRequest("GET", "/apps/nope/channels", "", {}, b""), ctx)),
+        (400, run(request("POST", "/apps/3/events", b"not json"), ctx)),
+    ]
+    for expected, resp in answers:
+        assert resp.status == expected, resp
+        assert isinstance(orjson.loads(resp.body), dict), resp.body
+        wire = http_response(resp.status, resp.body, True, resp.headers)
+        head = wire.partition(b"\r\n\r\n")[0].split(b"\r\n")
+        assert head[0].startswith(f"HTTP/1.1 {resp.status} ".encode())
+        assert f"Content-Type: {CONTENT_TYPE}".encode() in head[1:]
+        assert f"Content-Length: {len(resp.body)}".encode() in head[1:]
 
 
 # --- rate limit -----------------------------------------------------------------------------
