@@ -3,7 +3,7 @@
 // over workers, so the cache must be cluster-wide); an empty cache channel answers
 // pusher:cache_miss instead. The HTTP API reports the cached event with info=cache.
 import {
-  run, makeClient, connected, subscribe, waitUntil, same, sleep, api, observe, check, step, tag,
+  run, makeClient, connected, subscribe, waitUntil, same, markers, api, observe, check, step, tag,
 } from './lib.mjs';
 
 const SUBSCRIBERS = 3;
@@ -46,13 +46,16 @@ run(async () => {
   step('connect');
   await Promise.all(clients.map((c) => connected(c)));
   observe('socket_ids', clients.map((c) => c.pusher.connection.socket_id));
+  // absence checks below wait for a marker on a separate public channel (see lib.mjs)
+  step('marker channel');
+  const mark = await markers(clients);
 
   step('subscribe to the primed channel');
   await Promise.all(clients.map((c) => subscribe(c, full, 5000, recorder(c))));
   await waitUntil('the cached event at every subscriber', () =>
     clients.every((c) => c.seen[full].some((e) => e.event === 'score')))
     .catch((err) => check('cached event replayed to every subscriber', false, String(err.message)));
-  await sleep(200); // a second (stale) replay would show up by now
+  await mark('after the replays'); // a second (stale) replay would come before it
   observe('primed_sequences', Object.fromEntries(clients.map((c) => [c.label, [...c.seen[full]]])));
   for (const c of clients) {
     const events = c.seen[full];
@@ -66,7 +69,7 @@ run(async () => {
   await waitUntil('pusher:cache_miss at every subscriber', () =>
     clients.every((c) => c.seen[empty].some((e) => e.event === 'pusher:cache_miss')))
     .catch((err) => check('cache_miss sent to every subscriber', false, String(err.message)));
-  await sleep(200);
+  await mark('after the cache misses');
   observe('empty_sequences', Object.fromEntries(clients.map((c) => [c.label, c.seen[empty].map((e) => e.event)])));
   for (const c of clients) {
     check(`${c.label}: subscription_succeeded then cache_miss`, same(c.seen[empty].map((e) => e.event),
@@ -79,7 +82,7 @@ run(async () => {
   await waitUntil('the live event at every subscriber', () =>
     clients.every((c) => c.seen[full].length >= 3))
     .catch((err) => check('live event after replay', false, String(err.message)));
-  await sleep(200);
+  await mark('after the live event'); // a duplicate would come before it
   for (const c of clients) {
     check(`${c.label}: live event once`, c.seen[full].length === 3 && same(c.seen[full][2].data, { home: 4, away: 1 }),
       c.seen[full]);

@@ -3,7 +3,7 @@
 // the receivers also learn who sent it: metadata.user_id is A's presence user id, which
 // the server stamps (clients cannot choose it).
 import {
-  run, makeClient, connected, subscribe, waitUntil, same, sleep, observe, check, step, tag,
+  run, makeClient, connected, subscribe, waitUntil, same, api, observe, check, step, tag,
 } from './lib.mjs';
 
 const RECEIVERS = 3;
@@ -11,12 +11,14 @@ const RECEIVERS = 3;
 async function whisperRound(kind, channelName, clients) {
   const [sender, ...receivers] = clients;
   const got = new Map(clients.map((c) => [c.label, []]));
+  const marked = new Map(clients.map((c) => [c.label, false]));
   const channels = [];
   for (const c of clients) {
     step(`${c.label} subscribes ${kind}`);
     const { channel } = await subscribe(c, channelName);
     channel.bind('client-typing', (data, metadata) =>
       got.get(c.label).push({ data, user_id: metadata ? metadata.user_id ?? null : null }));
+    channel.bind('marker', () => marked.set(c.label, true));
     channels.push(channel);
   }
   // A user_id inside data is just payload: it must arrive untouched and must not be
@@ -28,7 +30,14 @@ async function whisperRound(kind, channelName, clients) {
   step(`${kind}: receivers get it`);
   await waitUntil(`${kind} client-typing at every receiver`,
     () => receivers.every((r) => got.get(r.label).length > 0)).catch((err) => check(`${kind}: every receiver got client-typing`, false, String(err.message)));
-  await sleep(300); // time for an (incorrect) echo to the sender to show up
+  // Every receiver has it, so the broker has handled the client event. A marker
+  // published now reaches every worker after anything that event made the broker send
+  // there (an echo to the sender, a duplicate); the sender's own worker delivered its
+  // local copies at once. So an incorrect echo or duplicate comes before the marker.
+  step(`${kind}: marker`);
+  await api.trigger(channelName, 'marker', {});
+  await waitUntil(`${kind} marker at every client`, () => clients.every((c) => marked.get(c.label)))
+    .catch((err) => check(`${kind}: marker reached every client`, false, String(err.message)));
   const report = Object.fromEntries([...got].map(([k, v]) => [k, v]));
   observe(`${kind}_deliveries`, report);
   for (const r of receivers) {

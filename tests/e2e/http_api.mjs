@@ -2,7 +2,7 @@
 // pusher-js clients (spread over workers) see: socket_id exclusion, batch triggers,
 // and channel / presence queries whose answers must reflect the whole cluster.
 import {
-  run, makeClient, connected, subscribe, waitUntil, same, sleep, api, observe, check, step, tag,
+  run, makeClient, connected, subscribe, waitUntil, same, api, observe, check, step, tag,
 } from './lib.mjs';
 
 async function body(promise) {
@@ -69,12 +69,22 @@ run(async () => {
     listeners.every((c) => c.got.some((g) => g.event === 'batch-public')) &&
     people.every((c) => c.got.some((g) => g.event === 'batch-presence')))
     .catch((err) => check('batch events reached every subscriber', false, String(err.message)));
-  await sleep(200);
+  // The broker has handled the batch (every subscriber has its event): a marker on both
+  // channels now comes after any stray or duplicate delivery of it.
+  step('marker after triggerBatch');
+  await api.triggerBatch([
+    { channel: pub, name: 'marker', data: {} },
+    { channel: room, name: 'marker', data: {} },
+  ]);
+  await waitUntil('the marker everywhere', () =>
+    everyone.every((c) => c.got.some((g) => g.event === 'marker')))
+    .catch((err) => check('marker reached every subscriber', false, String(err.message)));
+  const marker = (name) => ({ channel: name, event: 'marker', data: {} });
   for (const c of listeners) {
-    check(`${c.label} batch-public only`, same(c.got, [{ channel: pub, event: 'batch-public', data: { i: 1 } }]), c.got);
+    check(`${c.label} batch-public only`, same(c.got, [{ channel: pub, event: 'batch-public', data: { i: 1 } }, marker(pub)]), c.got);
   }
   for (const c of people) {
-    check(`${c.label} batch-presence only`, same(c.got, [{ channel: room, event: 'batch-presence', data: { i: 2 } }]), c.got);
+    check(`${c.label} batch-presence only`, same(c.got, [{ channel: room, event: 'batch-presence', data: { i: 2 } }, marker(room)]), c.got);
   }
 
   // --- trigger with info ----------------------------------------------------------

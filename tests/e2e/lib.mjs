@@ -139,29 +139,31 @@ export function within(ms, what, promise) {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
-/** Resolve with true if the promise settles within ms, false otherwise (for "must NOT happen"). */
-export function settlesWithin(ms, promise) {
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => resolve(false), ms);
-    promise.then(() => {
-      clearTimeout(timer);
-      resolve(true);
-    });
-  });
-}
-
 /** Structural equality: key order inside JSON objects is not part of any contract. */
 export const same = (a, b) => isDeepStrictEqual(a, b);
 
-/** Poll until predicate() holds; reject naming `what` after ms. */
+/** Poll until predicate() (sync or async) holds; reject naming `what` after ms. */
 export function waitUntil(what, predicate, ms = 5000) {
-  return within(ms, what, new Promise((resolve) => {
-    const poll = () => (predicate() ? resolve() : setTimeout(poll, 20));
+  let over = false;
+  return within(ms, what, new Promise((resolve, reject) => {
+    const poll = async () => {
+      try {
+        if (await predicate()) {
+          resolve();
+          return;
+        }
+      } catch (err) {
+        reject(err);
+        return;
+      }
+      if (!over) setTimeout(poll, 20);
+    };
     poll();
-  }));
+  })).finally(() => {
+    over = true;
+  });
 }
 
-export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
  * A pusher-js client with auth handlers that sign locally with the Node SDK.
@@ -284,3 +286,33 @@ export function subscriptionError(entry, name, ms = 5000) {
 
 /** Unique-per-run suffix so channel names never collide across scenarios. */
 export const tag = `${process.pid}${Date.now() % 100000}`;
+
+let markerChannels = 0;
+
+/**
+ * "Nothing unwanted arrived", checked without sleeping. Every client in `entries`
+ * subscribes to a fresh public marker channel; the returned `mark(what)` publishes a
+ * marker event there through the HTTP API and waits until every client has it.
+ *
+ * Call `mark` once the broker has handled whatever could cause an unwanted event (for
+ * example once every intended recipient has its event). The broker sends to each worker
+ * in order and each worker to its clients in order, so an unwanted event that is on its
+ * way arrives before the marker; under load the marker only comes later, it never lets
+ * a late unwanted event pass unseen.
+ */
+export async function markers(entries, ms = 5000) {
+  markerChannels += 1;
+  const name = `marker-${tag}-${markerChannels}`;
+  const seen = new Map(entries.map((e) => [e, 0]));
+  await Promise.all(entries.map((e) => subscribe(e, name, ms, (ch) => {
+    ch.bind('marker', () => seen.set(e, seen.get(e) + 1));
+  })));
+  let sent = 0;
+  return async (what) => {
+    sent += 1;
+    const n = sent;
+    await api.trigger(name, 'marker', { n });
+    await waitUntil(`marker ${n} (${what}) at every client`,
+      () => entries.every((e) => seen.get(e) >= n), ms);
+  };
+}

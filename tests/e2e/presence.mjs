@@ -4,7 +4,7 @@
 // With several workers and SO_REUSEPORT spreading connections, six clients make it all
 // but certain that some pairs sit on different workers, and we check every pair.
 import {
-  run, makeClient, connected, subscribe, waitUntil, same, sleep, observe, check, step, tag,
+  run, makeClient, connected, subscribe, waitUntil, same, api, observe, check, step, tag,
 } from './lib.mjs';
 
 const COUNT = Number(process.env.E2E_PRESENCE_CLIENTS ?? 6);
@@ -18,6 +18,7 @@ run(async () => {
     entry.user = user;
     entry.added = []; // [{id, info}] in arrival order
     entry.removed = []; // [id]
+    entry.markers = 0; // marker events seen (see mark below)
     members.push(entry);
   }
   step('connect');
@@ -31,6 +32,7 @@ run(async () => {
     const { channel, data } = await subscribe(m, channelName, 5000, (ch) => {
       ch.bind('pusher:member_added', (member) => m.added.push({ id: member.id, info: member.info }));
       ch.bind('pusher:member_removed', (member) => m.removed.push(member.id));
+      ch.bind('marker', () => { m.markers += 1; });
     });
     m.channel = channel;
     // The joining socket's own roster must already include everybody so far, itself too.
@@ -41,7 +43,18 @@ run(async () => {
       members.slice(0, k).every((e) => e.added.some((a) => a.id === m.user.user_id)),
     ).catch((err) => check(`member_added(user-${k}) everywhere`, false, String(err.message)));
   }
-  await sleep(200); // let any stray duplicate or self-notification show up
+  // Absence checks wait for a marker published on the channel itself after the broker
+  // has handled the joins/leaves in question: what they caused reaches every member
+  // before the marker (the broker tells each worker in order), so nothing is missed.
+  let markersSent = 0;
+  const mark = async (what) => {
+    markersSent += 1;
+    const n = markersSent;
+    await api.trigger(channelName, 'marker', { n });
+    await waitUntil(`marker ${n} (${what}) at every member`,
+      () => members.every((m) => m.markers >= n));
+  };
+  await mark('after the joins'); // a stray duplicate or self-notification comes first
 
   const pairs = [];
   for (let i = 0; i < COUNT; i += 1) {
@@ -77,13 +90,20 @@ run(async () => {
   const { data: tabRoster } = await subscribe(tab, channelName);
   observe('second_tab_roster_count', tabRoster.count);
   check('second tab roster count', tabRoster.count === COUNT, tabRoster.count);
-  await sleep(300);
+  await mark('after the second tab joined'); // its subscribe was handled by the broker
   const dupAdds = members.filter((m) => m.added.length !== COUNT - 1 - members.indexOf(m));
   check('no member_added for a second connection of a present user', dupAdds.length === 0,
     dupAdds.map((m) => ({ client: m.label, added: m.added.map((a) => a.id) })));
   step('second tab leaves');
   tab.pusher.disconnect();
-  await sleep(400);
+  // The broker has handled the tab's close once the channel counts one subscription
+  // fewer; a marker published after that comes after any member_removed it caused.
+  await waitUntil('the broker to drop the second tab', async () => {
+    const r = await api.get({ path: `/channels/${channelName}`, params: { info: 'subscription_count' } });
+    const body = await r.json();
+    return body.subscription_count === COUNT;
+  }, 10000);
+  await mark('after the second tab left');
   const earlyRemoves = members.filter((m) => m.removed.length > 0);
   check('no member_removed while user-0 still has a connection', earlyRemoves.length === 0,
     earlyRemoves.map((m) => ({ client: m.label, removed: m.removed })));

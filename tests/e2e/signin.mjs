@@ -4,7 +4,7 @@
 // exactly that user's connections (close code 4200 per Vask's scope), pusher-js
 // reconnects by itself and signs in again, and the other user is left alone.
 import {
-  run, makeClient, connected, waitUntil, same, sleep, api, observe, check, step,
+  run, makeClient, connected, waitUntil, same, markers, api, observe, check, step,
 } from './lib.mjs';
 
 // Signed in and the #server-to-user channel confirmed: the point where pusher-js
@@ -39,13 +39,18 @@ run(async () => {
   observe('signin_success_user_data', success ? success.data.user_data : null);
   check('signin_success echoes user_data', success && JSON.parse(success.data.user_data).id === ada.id, success);
 
+  step('marker channel');
+  const mark = await markers(clients);
+
   step('sendToUser');
   const order = { order_id: 1001, items: ['tea', 'scones'] };
   const response = await api.sendToUser(ada.id, 'order', order);
   observe('send_status', response.status);
   await waitUntil('order at both of ada\'s connections', () => ada1.orders.length > 0 && ada2.orders.length > 0)
     .catch((err) => check('order reached every ada connection', false, String(err.message)));
-  await sleep(300); // leave time for a wrong delivery to bob or a duplicate
+  // both of ada's connections have it, so the broker has handled it: a wrong delivery
+  // to bob or a duplicate comes before this marker
+  await mark('after sendToUser');
   observe('orders', Object.fromEntries(clients.map((c) => [c.label, [...c.orders]])));
   for (const c of [ada1, ada2]) {
     check(`${c.label} got the order once`, c.orders.length === 1, c.orders);
