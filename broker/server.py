@@ -45,9 +45,11 @@ from vask.envelope import (
     Hello,
     Publish,
     Query,
+    Reply,
     Resync,
     SignIn,
     Subscribe,
+    Synced,
     TerminateUser,
     Unsubscribe,
 )
@@ -59,6 +61,11 @@ COUNT_FLUSH_INTERVAL = 0.1
 #: longest wait for input when there is nothing to do (the timers' resolution)
 POLL_MS = 50
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: enum flags cost a construction per use
+#: the answer to a publish whose deliveries could not all be queued
+_UNDELIVERABLE = {"ok": False, "error": "A worker of the cluster is overloaded and the event "
+                  "may not reach all subscribers; try again shortly."}
+#: the sequence number frame of an unnumbered message (see docs/envelope.md)
+NO_SEQ = bytes(8)
 QUEUE_LIMIT = 200_000  # ZeroMQ messages per peer, each way
 #: ZeroMQ messages (each possibly a batch) read from the ROUTER per loop turn
 READ_LIMIT = 256
@@ -78,7 +85,9 @@ TURN_SECONDS = 0.05
 #: client event, max_message_bytes), a SUB header with a presence member's user_info,
 #: and a batch's frame-count header (2 bytes per message: 64 MiB would take a worker
 #: turn of 33 million messages). :func:`max_frame_bytes` raises the limit with the
-#: settings, so no configuration can make a worker need more.
+#: client-supplied size limits in the settings, so large configured bodies still fit.
+#: The other frames (watchlists, query arguments) are bounded by app limits that would
+#: have to be set in the millions to come near it.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 #: at most one log line per this many seconds for each kind of repeated problem
 LOG_INTERVAL = 1.0
@@ -121,8 +130,7 @@ class RateLimitedLog:
     def tick(self, now: float) -> None:
         if self.suppressed and now >= self.next_at:
             self.next_at = now + self.interval
-            log.log(self.level, "%d more %s in the last %.0f s", self.suppressed, self.what,
-                    self.interval)
+            log.log(self.level, "%d more %s since the last line", self.suppressed, self.what)
             self.suppressed = 0
 
 
@@ -142,7 +150,10 @@ class Broker:
         # Wall clock on purpose: the epoch is an identity that must differ after a
         # restart, even on another host; every duration below uses time.monotonic().
         self.epoch = time.time_ns() // 1000
-        self.state = ClusterState(settings, self.epoch)
+        # The supervisor's own broker knows how many workers will replay into it, so its
+        # recovery can end as soon as they have; a standalone one waits for the window.
+        self.state = ClusterState(settings, self.epoch,
+                                  expected_workers=settings.workers if control_fd >= 0 else 0)
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -160,6 +171,15 @@ class Broker:
             self.poller.register(control_fd, zmq.POLLIN)
         self.running = True
         self.outboxes: dict[bytes, list[list[bytes]]] = {}
+        #: answers to HTTP API publishes: sent after every delivery of the same flush,
+        #: and turned into refusals if a delivery could not be queued (see flush)
+        self.acks: list[tuple[bytes, Reply]] = []
+        #: sequence numbers (see docs/envelope.md): of the last ZeroMQ message sent to
+        #: each known worker, and of the last one received from each peer
+        self.sent_seq: dict[bytes, int] = {}
+        self.heard_seq: dict[bytes, int] = {}
+        #: gaps seen in workers' numbering (each answered with a RESYNC)
+        self.link_gaps = 0
         #: per peer, the ZeroMQ messages read but not yet fully handled, in order
         self.inboxes: dict[bytes, deque[envelope.Reader]] = {}
         #: peers with a non-empty inbox, in round-robin order (each at most once)
@@ -199,19 +219,48 @@ class Broker:
             box.append(envelope.encode(message))
 
     def flush(self) -> None:
+        """Send each worker its batch; then the publish answers.
+
+        A publish is answered only after its deliveries were handed to ZeroMQ, so an
+        acknowledged event is on its way. A batch that cannot be queued (a worker's
+        queue is full) is dropped: that worker sees the gap in the numbering and
+        resyncs, and every publish answered in this flush is refused instead (503),
+        since it may not have reached it.
+        """
+        full = self._send_boxes(self.outboxes)
+        self.outboxes = {}
+        if self.acks:
+            acks, self.acks = self.acks, []
+            if full:
+                acks = [(i, Reply(r.rid, _UNDELIVERABLE) if r.body.get("ok") else r)
+                        for i, r in acks]
+            self.send(acks)  # type: ignore[arg-type]
+            self._send_boxes(self.outboxes)
+            self.outboxes = {}
+        self.resynced.clear()
+
+    def _send_boxes(self, boxes: dict[bytes, list[list[bytes]]]) -> bool:
+        """Send each box as one ZeroMQ message; True if a worker's queue was full."""
         router = self.router
         now = time.monotonic()
-        for identity, box in self.outboxes.items():
+        workers = self.state.workers
+        sent_seq = self.sent_seq
+        full = False
+        for identity, box in boxes.items():
+            # Numbered for known workers, also when dropped: the gap is the signal.
+            seq = sent_seq[identity] = sent_seq.get(identity, 0) + 1 \
+                if identity in workers else 0
             try:
-                router.send_multipart([identity, *envelope.encode_batch(box)], _NOBLOCK)
+                router.send_multipart(
+                    [identity, seq.to_bytes(8, "big"), *envelope.encode_batch(box)], _NOBLOCK)
             except zmq.Again:
+                full = True
                 self.send_log(now, "dropping %d messages to worker %s: its queue is full",
                               len(box), _peer(identity))
             except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone
                 self.send_log(now, "dropping %d messages to unreachable worker %s: %s",
                               len(box), _peer(identity), exc.strerror)
-        self.outboxes = {}
-        self.resynced.clear()
+        return full
 
     # --- receiving ------------------------------------------------------------------
 
@@ -241,9 +290,24 @@ class Broker:
         return True
 
     def receive(self, identity: bytes, frames: list[bytes], now: float) -> None:
-        """Queue one ZeroMQ message from ``identity`` (without the identity frame)."""
+        """Queue one ZeroMQ message from ``identity`` (without the identity frame): a
+        sequence number, then a batch or a single message."""
+        if not frames or len(frames[0]) != 8:
+            self._bad(identity, envelope.EnvelopeError("no sequence number frame"), now)
+            return
+        seq = int.from_bytes(frames[0], "big")
+        if seq:
+            last = self.heard_seq.get(identity)
+            self.heard_seq[identity] = seq
+            if last is not None and seq != last + 1 and identity in self.state.workers:
+                # Something this worker sent never arrived: rebuild its state from a
+                # replay (the same path as after a broker restart).
+                self.link_gaps += 1
+                self.send_log(now, "worker %s: %d messages lost; asking it to resync",
+                              _peer(identity), seq - last - 1)
+                self.send([(identity, Resync(self.epoch))])
         try:
-            reader = envelope.Reader(frames)
+            reader = envelope.Reader(frames[1:])
         except envelope.EnvelopeError as exc:
             self._bad(identity, exc, now)
             return
@@ -301,10 +365,10 @@ class Broker:
                 inbox.popleft()
 
     def handle(self, frames: list[bytes], now: float) -> None:
-        """Handle one whole ZeroMQ message (identity first) at once, outside the
-        loop's shares (tests drive the broker with it)."""
+        """Handle one whole message (identity, then envelope frames, unnumbered) at
+        once, outside the loop's shares (tests drive the broker with it)."""
         identity = frames[0]
-        self.receive(identity, frames[1:], now)
+        self.receive(identity, [NO_SEQ, *frames[1:]], now)
         inbox = self.inboxes.get(identity)
         if inbox is not None:
             self._take(identity, inbox, self.buffered, now)
@@ -320,6 +384,7 @@ class Broker:
         state = self.state
         state.now = now
         if isinstance(message, Hello):
+            self.sent_seq.pop(identity, None)  # its numbering restarts with the welcome
             self.send(state.hello(identity, message, now))
             return
         if not state.seen(identity, now):
@@ -332,6 +397,8 @@ class Broker:
         out: Out
         if isinstance(message, Publish):
             out = state.publish(identity, message, now)
+            if message.rid:
+                self._answer_later(out)
         elif isinstance(message, Subscribe):
             out = state.subscribe(identity, message)
         elif isinstance(message, Unsubscribe):
@@ -345,7 +412,11 @@ class Broker:
         elif isinstance(message, Query):
             out = state.query(identity, message, now)
         elif isinstance(message, TerminateUser):
-            out = state.terminate_user(message)
+            out = state.terminate_user(identity, message)
+            if message.rid:
+                self._answer_later(out)
+        elif isinstance(message, Synced):
+            out = state.synced(identity)
         elif isinstance(message, Heartbeat):
             out = []
         elif isinstance(message, Bye):
@@ -356,6 +427,12 @@ class Broker:
             out = []
         if out:
             self.send(out)
+
+    def _answer_later(self, out: Out) -> None:
+        """Move the publish answer out of ``out`` into :attr:`acks` (see flush)."""
+        answer = out.pop()
+        assert type(answer[1]) is Reply
+        self.acks.append(answer)  # type: ignore[arg-type]
 
     def read_control(self) -> None:
         data = os.read(self.control_fd, 65536)
@@ -379,6 +456,7 @@ class Broker:
         if now >= self.next_flush:
             self.next_flush = now + COUNT_FLUSH_INTERVAL
             self.send(state.flush_counts(now))
+            self.send(state.tick(now))
             state.expire_cache(now)
             self.bad_log.tick(now)
             self.error_log.tick(now)

@@ -21,6 +21,14 @@ Rules it owns (the ones that need cluster-wide knowledge, DESIGN.md):
 * Quotas: per-app connection counts across the cluster.
 * A worker that says bye, is purged by the supervisor, or stops heartbeating is removed
   with exactly the events its departure implies.
+* Recovery: the state is rebuilt from the workers' replays after the broker starts (and
+  a single worker's state after it resyncs). Until every expected worker has said
+  ``SYNCED`` (or ``recovery_window`` has passed), the broker is *recovering*: HTTP API
+  publishes are refused (``{"ok": false}``, the API answers 503) instead of being routed
+  with half the routes, and no presence member event is sent; nor while a worker is
+  syncing. When that ends, every worker is sent ``RECOVERED`` and compares the rosters
+  its clients were told with this state, sending only the difference. So no client is
+  told a member twice, and members who left meanwhile are removed.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from vask.envelope import (
     Hello,
     Publish,
     Query,
+    Recovered,
     Reply,
     SignIn,
     Subscribe,
@@ -56,6 +65,9 @@ from vask.envelope import (
 )
 
 Out = list[tuple[bytes, Verb]]
+_ROUTED: dict[str, Any] = {"ok": True}
+_RECOVERING: dict[str, Any] = {
+    "ok": False, "error": "The cluster is recovering from a broker restart; retry shortly."}
 #: subscription_count events are sent at most this often for channels above
 SUBSCRIPTION_COUNT_BUSY = 100
 SUBSCRIPTION_COUNT_BUSY_INTERVAL = 5.0
@@ -109,8 +121,16 @@ class CacheEntry:
 class ClusterState:
     """Everything the broker knows; see the module docstring for the rules."""
 
-    def __init__(self, settings: Settings, epoch: int) -> None:
+    def __init__(self, settings: Settings, epoch: int, expected_workers: int = 0) -> None:
         self.epoch = epoch
+        #: see "Recovery" in the module docstring
+        self.recovering = True
+        #: workers whose replay should arrive (0: unknown, wait for the window)
+        self.expected_workers = expected_workers
+        self.recovery_window = 2 * settings.heartbeat_interval + 1.0
+        self.recovery_deadline: float | None = None
+        #: welcomed workers whose SYNCED has not arrived yet
+        self.syncing: set[bytes] = set()
         #: the time of the message being handled (set by the broker loop)
         self.now = 0.0
         self.apps: dict[str, App] = {app.id: app for app in settings.apps}
@@ -136,12 +156,50 @@ class ClusterState:
                                        f"envelope version {msg.version} != {ENVELOPE_VERSION}"))]
         out: Out = []
         if identity in self.workers:
-            out += self.purge(identity)  # a restarted worker reusing its identity
+            # The same worker again: it resyncs (it lost messages, or it restarted with
+            # its identity). Its replay follows; until its SYNCED, nothing it held or
+            # replays produces member events (the others compare rosters then).
+            self.syncing.add(identity)
+            out += self.purge(identity)
         for other in self.workers.values():
             if other.prefix == msg.prefix:
+                self.syncing.discard(identity)
                 return [*out, (identity, Welcome(False, self.epoch, "socket id prefix in use"))]
         self.workers[identity] = WorkerInfo(identity, msg.worker, msg.epoch, msg.prefix, now)
+        self.syncing.add(identity)
         return [*out, (identity, Welcome(True, self.epoch, ""))]
+
+    def synced(self, identity: bytes) -> Out:
+        """The worker's replay is complete."""
+        if identity not in self.workers:
+            return []
+        self.syncing.discard(identity)
+        if not self.recovering:
+            # A late or single-worker resync: everyone compares rosters again.
+            return self._recovered()
+        if self.expected_workers and \
+                len(self.workers) - len(self.syncing) >= self.expected_workers:
+            return self._recovered()
+        return []
+
+    def tick(self, now: float) -> Out:
+        """End the recovery once its window has passed (called by the broker loop)."""
+        if not self.recovering:
+            return []
+        if self.recovery_deadline is None:
+            self.recovery_deadline = now + self.recovery_window
+        elif now >= self.recovery_deadline:
+            return self._recovered()
+        return []
+
+    def _recovered(self) -> Out:
+        self.recovering = False
+        message = Recovered(self.epoch)
+        return [(w, message) for w in self.workers if w not in self.syncing]
+
+    def _quiet(self, worker: bytes) -> bool:
+        """No member events for this worker's connections now (see Recovery)."""
+        return self.recovering or worker in self.syncing
 
     def seen(self, identity: bytes, now: float) -> bool:
         """Note a sign of life; ``False`` if the worker is unknown (it must resync)."""
@@ -164,12 +222,14 @@ class ClusterState:
 
     def purge(self, identity: bytes) -> Out:
         """Remove a worker and every connection it held, with the implied events."""
-        worker = self.workers.pop(identity, None)
+        worker = self.workers.get(identity)
         if worker is None:
             return []
         out: Out = []
         for app_id, socket_id in list(worker.sockets):
             out += self._close_socket(app_id, socket_id)
+        del self.workers[identity]
+        self.syncing.discard(identity)
         return out
 
     # --- connections --------------------------------------------------------------
@@ -257,10 +317,11 @@ class ClusterState:
             connections = state.members.get(user_id)
             if connections is None:
                 state.members[user_id] = {msg.socket_id: msg.member[1]}
-                frame = frames.member_added(msg.channel, user_id, msg.member[1])
-                out += self._route(msg.app, msg.channel, msg.socket_id, frame)
-                self._webhook(msg.app, {"name": "member_added", "channel": msg.channel,
-                                        "user_id": user_id})
+                if not self._quiet(identity):
+                    frame = frames.member_added(msg.channel, user_id, msg.member[1])
+                    out += self._route(msg.app, msg.channel, msg.socket_id, frame)
+                    self._webhook(msg.app, {"name": "member_added", "channel": msg.channel,
+                                            "user_id": user_id})
             else:
                 connections[msg.socket_id] = msg.member[1]
         if msg.rid:
@@ -330,10 +391,11 @@ class ClusterState:
             connections.pop(socket_id, None)
             if not connections:
                 del members[user_id]
-                out += self._route(app_id, channel, socket_id,
-                                   frames.member_removed(channel, user_id))
-                self._webhook(app_id, {"name": "member_removed", "channel": channel,
-                                       "user_id": user_id})
+                if not self._quiet(worker):
+                    out += self._route(app_id, channel, socket_id,
+                                       frames.member_removed(channel, user_id))
+                    self._webhook(app_id, {"name": "member_removed", "channel": channel,
+                                           "user_id": user_id})
         if state.count <= 0:
             del self.channels[key]
             self.count_dirty.discard(key)
@@ -401,7 +463,9 @@ class ClusterState:
                 by_worker[info.worker].append(socket_id)
         return [(worker, DeliverTo(sids, frame)) for worker, sids in by_worker.items()]
 
-    def terminate_user(self, msg: TerminateUser) -> Out:
+    def terminate_user(self, identity: bytes, msg: TerminateUser) -> Out:
+        if msg.rid and self.recovering:
+            return [(identity, Reply(msg.rid, _RECOVERING))]
         signed_in = self.online.get((msg.app, msg.user_id), set())
         by_worker: dict[bytes, list[str]] = defaultdict(list)
         for socket_id in signed_in:
@@ -409,11 +473,18 @@ class ClusterState:
             if info is not None:
                 by_worker[info.worker].append(socket_id)
         message = "Connection terminated by the app through the HTTP API"
-        return [(w, Terminate(sids, 4200, message)) for w, sids in by_worker.items()]
+        out: Out = [(w, Terminate(sids, 4200, message)) for w, sids in by_worker.items()]
+        if msg.rid:
+            out.append((identity, Reply(msg.rid, _ROUTED)))
+        return out
 
     # --- traffic ------------------------------------------------------------------
 
     def publish(self, identity: bytes, msg: Publish, now: float) -> Out:
+        """Route a publish; answer an HTTP API one (``rid``) after its deliveries, or
+        refuse it unrouted while recovering (half the routes may be missing)."""
+        if msg.rid and self.recovering:
+            return [(identity, Reply(msg.rid, _RECOVERING))]
         if msg.cache_ttl > 0:
             key = (msg.app, msg.channel)
             expires = now + msg.cache_ttl
@@ -425,8 +496,11 @@ class ClusterState:
                 # rebuild from the live entries, O(n) once per n writes.
                 expiry[:] = [(e.expires, k) for k, e in self.cache.items()]
                 heapq.heapify(expiry)
-        return self._route(msg.app, msg.channel, msg.exclude, msg.payload,
-                           origin=identity if msg.local_first else None)
+        out = self._route(msg.app, msg.channel, msg.exclude, msg.payload,
+                          origin=identity if msg.local_first else None)
+        if msg.rid:
+            out.append((identity, Reply(msg.rid, _ROUTED)))
+        return out
 
     def _route(self, app_id: str, channel: str, exclude: str, payload: bytes,
                origin: bytes | None = None) -> Out:
@@ -525,6 +599,11 @@ class ClusterState:
                     cache = {"event": frame.get("event"), "data": frame.get("data"),
                              "ttl": max(0.0, entry.expires - now)}
             return {"occupied": counts["subscription_count"] > 0, **counts, "cache": cache}
+        if msg.kind == "roster":
+            state = self.channels.get((app_id, str(args["channel"])))
+            members = (state.members if state is not None else None) or {}
+            return {"members": {uid: next(iter(conns.values()))
+                                for uid, conns in members.items()}}
         if msg.kind == "users":
             state = self.channels.get((app_id, str(args["channel"])))
             return {"users": list(state.members or ()) if state is not None else []}

@@ -16,7 +16,7 @@ import zmq
 
 from vask import envelope
 from vask.broker import server
-from vask.broker.server import Broker
+from vask.broker.server import NO_SEQ, Broker
 from vask.broker.state import ClusterState
 from vask.config import App, Settings, Webhook
 from vask.envelope import (
@@ -29,6 +29,7 @@ from vask.envelope import (
     Hello,
     Publish,
     Query,
+    Recovered,
     Reply,
     SignIn,
     Subscribe,
@@ -45,10 +46,12 @@ APP = App(id="1", key="k", secret="s", webhooks=(Webhook(url="http://127.0.0.1:1
 
 def cluster(**app_changes: Any) -> ClusterState:
     app = dataclasses.replace(APP, **app_changes)
-    state = ClusterState(Settings(apps=(app,)), epoch=1)
+    state = ClusterState(Settings(apps=(app,)), epoch=1, expected_workers=3)
     for n, worker in enumerate((W1, W2, W3)):
         assert state.hello(worker, Hello(ENVELOPE_VERSION, worker.decode(), 1, 100 + n, n),
                            0.0) == [(worker, Welcome(True, 1, ""))]
+    assert state.synced(W1) == state.synced(W2) == []
+    assert state.synced(W3) == [(w, Recovered(1)) for w in (W1, W2, W3)]
     return state
 
 
@@ -191,7 +194,7 @@ def test_sign_in_binds_the_user_channel_and_terminate_finds_every_tab() -> None:
     sub(state, W2, "2.2", "presence-r", ["u", None])  # presence-only identity: untouched
     out = state.publish(W1, Publish("1", "#server-to-user-u", "", 0, b"{}"), 0)
     assert sorted(w for w, _ in out) == [W1, W2]
-    terms = state.terminate_user(TerminateUser("1", "u"))
+    terms = state.terminate_user(W1, TerminateUser("1", "u"))
     assert sorted((w, m.socket_ids) for w, m in terms) == [(W1, ["1.1"]), (W2, ["2.1"])]
     assert all(isinstance(m, Terminate) and m.code == 4200 for _, m in terms)
     # internal channels are not listed and make no webhooks
@@ -417,12 +420,12 @@ def dealer(broker: Broker, peers: list[zmq.Socket[bytes]], name: bytes) -> zmq.S
 def received(sock: zmq.Socket[bytes]) -> list[Verb]:
     out: list[Verb] = []
     while sock.poll(0):
-        out += envelope.decode_many(sock.recv_multipart())
+        out += envelope.decode_many(sock.recv_multipart()[1:])  # after the number
     return out
 
 
 def welcomed(broker: Broker, sock: zmq.Socket[bytes], name: str, prefix: int) -> None:
-    sock.send_multipart(envelope.encode(Hello(ENVELOPE_VERSION, name, 1, prefix, 1)))
+    sock.send_multipart([NO_SEQ, *envelope.encode(Hello(ENVELOPE_VERSION, name, 1, prefix, 1))])
     for _ in range(100):
         broker.turn()
         if Welcome(True, broker.epoch, "") in received(sock):
@@ -437,11 +440,11 @@ def test_a_flooding_worker_gets_its_share_and_the_others_are_answered_meanwhile(
     welcomed(broker, other, "b", 200)
     total = FLOOD_BATCHES * FLOOD_BATCH
     for b in range(FLOOD_BATCHES):
-        flooder.send_multipart(envelope.encode_batch([
+        flooder.send_multipart([NO_SEQ, *envelope.encode_batch([
             envelope.encode(Subscribe(0, "1", f"c{b * FLOOD_BATCH + i}", "100.1", None, 0))
-            for i in range(FLOOD_BATCH)]))
-    flooder.send_multipart(envelope.encode(Query(1, "1", "counts", {"channels": []})))
-    other.send_multipart(envelope.encode(Query(2, "1", "counts", {"channels": []})))
+            for i in range(FLOOD_BATCH)])])
+    flooder.send_multipart([NO_SEQ, *envelope.encode(Query(1, "1", "counts", {"channels": []}))])
+    other.send_multipart([NO_SEQ, *envelope.encode(Query(2, "1", "counts", {"channels": []}))])
 
     # Each peer gets one share per turn, in turn. (A turn may end after the flooder's
     # share if that took TURN_SECONDS on a busy machine; the next turn starts with the
@@ -479,8 +482,8 @@ def test_reading_stops_at_the_buffer_limit(
     flooder = dealer(broker, peers, b"a")
     welcomed(broker, flooder, "a", 100)
     for _ in range(20):
-        flooder.send_multipart(envelope.encode_batch(
-            [envelope.encode(Heartbeat(1))] * 100))
+        flooder.send_multipart([NO_SEQ, *envelope.encode_batch(
+            [envelope.encode(Heartbeat(1))] * 100)])
     assert flooder.poll(0) == 0
     broker.poller.poll(1000)
     assert broker.read(0.0) is True  # stopped at the limit, more queued

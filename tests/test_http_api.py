@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
@@ -67,10 +67,10 @@ class FakeContext:
     def settings(self) -> Settings:
         return self._settings
 
-    def publish(self, msg: Publish) -> None:
-        self.published.append(msg)
+    async def publish(self, messages: Sequence[Publish]) -> None:
+        self.published.extend(messages)
 
-    def send(self, msg: Verb) -> None:
+    async def send(self, msg: Verb) -> None:
         self.sent.append(msg)
 
     async def query(self, app_id: str, kind: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -771,7 +771,11 @@ def behind_adapter() -> tuple[ApiAdapter, asyncio.Event, list[Verb]]:
     """An ApiAdapter over a fake worker that is behind on deliveries (caught_up clear)."""
     caught_up = asyncio.Event()
     sent: list[Verb] = []
-    link = SimpleNamespace(caught_up=caught_up, up=True, send=sent.append)
+    async def ask(make: Callable[[int], Verb]) -> dict[str, Any]:
+        sent.append(make(0))
+        return {"ok": True}
+
+    link = SimpleNamespace(caught_up=caught_up, up=True, send=sent.append, ask=ask)
     worker: Any = SimpleNamespace(settings=SETTINGS, link=link)
     return ApiAdapter(worker), caught_up, sent
 

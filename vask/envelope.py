@@ -1,4 +1,4 @@
-"""The worker <-> broker envelope (version 1), specified in ``docs/envelope.md``.
+"""The worker <-> broker envelope (version 2), specified in ``docs/envelope.md``.
 
 Every message is a ZeroMQ multipart message::
 
@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
 
 
 class EnvelopeError(ValueError):
@@ -81,6 +81,24 @@ class Resync(Verb):
     """Broker -> worker: I do not know you (I restarted); say hello and replay your state."""
 
     VERB = b"RESYNC"
+    broker_epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Synced(Verb):
+    """Worker -> broker: my state is all yours (sent after the welcome, following the
+    replay of every connection's subscriptions and sign-ins, if any)."""
+
+    VERB = b"SYNCED"
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered(Verb):
+    """Broker -> worker: my state was rebuilt from the workers' replays (after my start,
+    or after a worker's resync); compare what your clients were told with it."""
+
+    VERB = b"RECOVERED"
     broker_epoch: int
 
 
@@ -163,6 +181,9 @@ class Publish(Verb):
     ``cache_ttl`` > 0 asks the broker to keep it as the channel's cached event.
     ``local_first``: the origin worker already delivered it to its own subscribers
     (client events); route it to the other workers only.
+    ``rid`` > 0 (HTTP API publishes): answer with a :class:`Reply` once routed, so the
+    API answers 2xx only for a publish that is on its way (``{"ok": false}`` while the
+    broker recovers after a restart: then it is not routed at all).
     """
 
     VERB = b"PUB"
@@ -173,6 +194,7 @@ class Publish(Verb):
     cache_ttl: float
     payload: bytes
     local_first: bool = False
+    rid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +236,7 @@ class TerminateUser(Verb):
     VERB = b"TERMUSER"
     app: str
     user_id: str
+    rid: int = 0  # > 0: answer with a Reply once the terminations are on their way
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +244,8 @@ class Query(Verb):
     """Worker -> broker request; ``kind`` names the question, ``args`` its arguments.
 
     Kinds: ``channels`` {prefix}, ``channel`` {channel, cache}, ``users`` {channel},
-    ``counts`` {channels}. Answered by a :class:`Reply` with the same ``rid``.
+    ``roster`` {channel} (presence members with their user_info), ``counts`` {channels}.
+    Answered by a :class:`Reply` with the same ``rid``.
     """
 
     VERB = b"Q"
@@ -243,7 +267,7 @@ class Reply(Verb):
 VERBS: dict[bytes, type[Verb]] = {
     cls.VERB: cls
     for cls in (
-        Hello, Welcome, Heartbeat, Resync, Bye, ConnOpen, ConnClose, Subscribe,
+        Hello, Welcome, Heartbeat, Resync, Synced, Recovered, Bye, ConnOpen, ConnClose, Subscribe,
         Unsubscribe, SignIn, Publish, Deliver, DeliverTo, Terminate, TerminateUser, Query,
         Reply,
     )
@@ -335,17 +359,19 @@ _CHECKS: dict[type[Verb], tuple[_Check, ...]] = {
     Welcome: (_flag, _count, _text),
     Heartbeat: (_count,),
     Resync: (_count,),
+    Synced: (_count,),
+    Recovered: (_count,),
     Bye: (_name,),
     ConnOpen: (_count, _name, _name, _count),
     ConnClose: (_name, _name),
     Subscribe: (_count, _name, _name, _name, _member, _count),
     Unsubscribe: (_name, _name, _name),
     SignIn: (_name, _name, _name, _names),
-    Publish: (_name, _name, _name_or_empty, _seconds, _payload, _flag),
+    Publish: (_name, _name, _name_or_empty, _seconds, _payload, _flag, _count),
     Deliver: (_name, _name, _name_or_empty, _payload),
     DeliverTo: (_names, _payload),
     Terminate: (_names, _count, _text),
-    TerminateUser: (_name, _name),
+    TerminateUser: (_name, _name, _count),
     Query: (_count, _name, _name, _object),
     Reply: (_count, _object),
 }

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vask.config import Settings
-from vask.envelope import Publish, Query, Verb
+from vask.envelope import Publish, Query, TerminateUser
 from vask.workers.broker_link import BrokerUnavailable
 from vask.workers.http import http_response
 from vask.workers.http_api import ApiRequest, ApiResponse, accept_api
@@ -36,11 +38,22 @@ class ApiAdapter:
     def settings(self) -> Settings:
         return self.worker.settings
 
-    def publish(self, msg: Publish) -> None:
-        self.worker.link.send(msg)
+    async def publish(self, messages: Sequence[Publish]) -> None:
+        """Each publish is a request: the broker answers once it has queued the
+        deliveries (or refuses while it recovers from a restart). All of one API call's
+        publishes leave in one batch, and their answers come back in one."""
+        await asyncio.gather(*(self._acked(msg) for msg in messages))
 
-    def send(self, msg: Verb) -> None:
-        self.worker.link.send(msg)
+    async def send(self, msg: TerminateUser) -> None:
+        await self._acked(msg)
+
+    async def _acked(self, msg: Publish | TerminateUser) -> None:
+        link = self.worker.link
+        if not link.up:
+            raise BrokerUnavailable("The cluster's broker is unreachable; try again shortly.")
+        reply = await link.ask(lambda rid: dataclasses.replace(msg, rid=rid))
+        if not reply.get("ok"):
+            raise BrokerUnavailable(str(reply.get("error") or "The broker refused the event."))
 
     async def query(self, app_id: str, kind: str, args: dict[str, Any]) -> dict[str, Any]:
         link = self.worker.link

@@ -5,9 +5,17 @@ No task sits on the socket: the ZeroMQ file descriptor is registered with
 edge-triggered and sends can consume the edge, so every send also schedules one extra
 drain for the current loop iteration.
 
-Requests (subscribe answers, HTTP API queries, quota checks) carry a request id and a
-callback and a deadline; the link's once-a-heartbeat timer expires overdue requests
-(no timer object per request).
+Requests (subscribe answers, HTTP API queries and publishes, quota checks) carry a
+request id and a callback and a deadline; the link's once-a-heartbeat timer expires
+overdue requests (no timer object per request).
+
+Loss is detected, never assumed away: every ZeroMQ message on the link starts with a
+sequence number frame (8 bytes, big-endian; 0 = unsequenced). A gap in what the broker
+sends, or a message this side had to drop because its queue was full, sends the worker
+through a resync: the same path as a broker restart (hello, replay, ``SYNCED``), after
+which the broker sends ``RECOVERED`` and presence rosters are compared. Requests still
+waiting when a resync starts are answered ``None`` at once (the API answers 503): the
+broker that would have answered them is gone, or forgot them.
 """
 
 from __future__ import annotations
@@ -31,8 +39,10 @@ from vask.envelope import (
     Bye,
     Heartbeat,
     Hello,
+    Recovered,
     Reply,
     Resync,
+    Synced,
     Verb,
     Welcome,
 )
@@ -44,7 +54,8 @@ _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 QUEUE_LIMIT = 200_000  # messages
 DRAIN_LIMIT = 64  # ZeroMQ messages (each possibly a batch) handled per loop turn
 BYE_LINGER_MS = 500
-_CONTROL = (Reply, Heartbeat, Welcome, Resync)
+_CONTROL = (Reply, Heartbeat, Welcome, Resync, Recovered)
+NO_SEQ = bytes(8)
 ReplyCallback = Callable[[dict[str, Any] | None], None]
 
 
@@ -63,6 +74,7 @@ class BrokerLink:
         on_message: Callable[[list[Verb]], None],
         on_welcome: Callable[[bool], None],
         on_batch: Callable[[bool], None] = lambda corked: None,
+        on_recovered: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.endpoint = endpoint
@@ -75,6 +87,14 @@ class BrokerLink:
         self.on_welcome = on_welcome
         #: called with True before a multi-message batch is handled and False after
         self.on_batch = on_batch
+        #: the broker rebuilt its state: compare what clients were told with it
+        self.on_recovered = on_recovered
+        #: sequence numbers: of our last ZeroMQ message, and of the broker's last one
+        #: (0: none since our hello)
+        self.sent_seq = 0
+        self.heard_seq = 0
+        #: named event counts (gaps, drops, resyncs); merged into the worker's
+        self.counters: dict[str, int] = {"link_gaps": 0, "link_drops": 0, "resyncs": 0}
         #: clear while messages from the broker wait beyond one loop turn's share
         #: (the worker is behind on deliveries); the HTTP API waits on it before
         #: accepting more publishes, which is the publishers' back-pressure
@@ -120,7 +140,21 @@ class BrokerLink:
 
     def say_hello(self) -> None:
         self.welcomed = False
+        self.heard_seq = 0
+        self._fail_pending()
         self.send(Hello(ENVELOPE_VERSION, self.name, self.epoch, self.prefix, os.getpid()))
+
+    def resync(self, why: str) -> None:
+        """Start over with the broker: hello, then replay everything (one mechanism for a
+        broker restart, a lost message and a dropped one)."""
+        log.warning("resyncing with the broker: %s", why)
+        self.counters["resyncs"] += 1
+        self.say_hello()
+
+    def _fail_pending(self) -> None:
+        pending, self.pending = self.pending, {}
+        for callback, _ in pending.values():
+            callback(None)
 
     def _beat(self) -> None:
         self.send(Heartbeat(self.epoch))
@@ -160,10 +194,14 @@ class BrokerLink:
         if not outbox or self.closed:
             return
         self.outbox = []
+        self.sent_seq += 1
         try:
-            self.sock.send_multipart(envelope.encode_batch(outbox), _NOBLOCK)
+            self.sock.send_multipart(
+                [self.sent_seq.to_bytes(8, "big"), *envelope.encode_batch(outbox)], _NOBLOCK)
         except zmq.Again:
-            log.warning("broker queue full; dropped %d messages", len(outbox))
+            # The broker will see the gap in our numbers; do not wait for it to say so.
+            self.counters["link_drops"] += 1
+            self.resync(f"the queue to the broker is full; dropped {len(outbox)} messages")
         if not self.drain_scheduled:
             self.drain_scheduled = True
             self.loop.call_soon(self.drain)
@@ -228,11 +266,21 @@ class BrokerLink:
                 break
             taken += 1
             try:
-                messages = envelope.decode_many(frames)
+                seq = int.from_bytes(frames[0], "big") if len(frames[0]) == 8 else -1
+                if seq < 0:
+                    raise envelope.EnvelopeError("no sequence number frame")
+                messages = envelope.decode_many(frames[1:])
             except envelope.EnvelopeError as exc:
                 log.warning("bad message from the broker: %s", exc)
                 continue
             self.last_heard = time.monotonic()
+            if seq:
+                expected = self.heard_seq + 1
+                self.heard_seq = seq
+                if expected > 1 and seq != expected:
+                    self.counters["link_gaps"] += 1
+                    # what did arrive is still good: handle it below
+                    self.resync(f"lost {seq - expected} messages from the broker")
             self.on_batch(len(messages) > 1)
             # In order: runs of traffic go to the worker together (so it can join
             # deliveries), link-level messages are handled where they stand.
@@ -258,13 +306,15 @@ class BrokerLink:
                 entry[0](message.body)
         elif isinstance(message, Heartbeat):
             if self.welcomed and message.epoch != self.broker_epoch:
-                log.warning("the broker restarted; replaying this worker's state")
-                self.say_hello()
+                self.resync("the broker restarted")
         elif isinstance(message, Welcome):
             self._welcomed(message)
         elif isinstance(message, Resync) and self.welcomed:
-            log.warning("the broker asked for a resync; replaying this worker's state")
-            self.say_hello()
+            self.resync("the broker does not know this worker (it restarted, or it saw a "
+                        "gap in this worker's messages)")
+        elif isinstance(message, Recovered) and self.welcomed \
+                and message.broker_epoch == self.broker_epoch:
+            self.on_recovered()
 
     def _welcomed(self, message: Welcome) -> None:
         if self.welcomed:
@@ -280,3 +330,4 @@ class BrokerLink:
         self.welcomed = True
         self.broker_epoch = message.broker_epoch
         self.on_welcome(replay)
+        self.send(Synced(self.epoch))  # after the replay, in the same batch

@@ -67,7 +67,7 @@ from vask.api_rules import (
 )
 from vask.channels import kind_of
 from vask.config import App, Settings
-from vask.envelope import Publish, TerminateUser, Verb
+from vask.envelope import Publish, TerminateUser
 from vask.workers.broker_link import BrokerUnavailable
 
 __all__ = [
@@ -126,12 +126,15 @@ class ApiContext(Protocol):
         """The current settings (read on every request, so a reload takes effect)."""
         ...
 
-    def publish(self, msg: Publish) -> None:
-        """Cast a publish to the broker; never waits."""
+    async def publish(self, messages: Sequence[Publish]) -> None:
+        """Hand publishes to the broker and wait until it has routed them all: returns
+        once every one is on its way to every worker that needs it; raises
+        :class:`BrokerUnavailable` (answered 503) when that cannot be said."""
         ...
 
-    def send(self, msg: Verb) -> None:
-        """Cast any other message to the broker (e.g. :class:`TerminateUser`)."""
+    async def send(self, msg: TerminateUser) -> None:
+        """Send another request to the broker (e.g. :class:`TerminateUser`) and wait for
+        its acknowledgement, like :meth:`publish`."""
         ...
 
     async def query(self, app_id: str, kind: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -215,13 +218,15 @@ def _charge(call: _Call, cost: int) -> None:
 # --- publishing ----------------------------------------------------------------------
 
 
-def _publish(ctx: ApiContext, app: App, event: Event) -> None:
-    """One Publish per channel, each payload encoded once here (DESIGN "hot path")."""
+def _publishes(app: App, event: Event) -> list[Publish]:
+    """One Publish per channel, each payload encoded once here (the hot path)."""
     name, data, exclude = event.name, event.data, event.socket_id
+    out = []
     for channel in event.channels:
         payload = orjson.dumps({"event": name, "channel": channel, "data": data})
         ttl = app.cache_ttl if kind_of(channel).cache else 0.0  # spec §10
-        ctx.publish(Publish(app.id, channel, exclude, ttl, payload))
+        out.append(Publish(app.id, channel, exclude, ttl, payload))
+    return out
 
 
 async def _ask(call: _Call, kind: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +258,7 @@ def _publish_and_answer(call: _Call, event: Event) -> _Act:
     _charge(call, len(event.channels))
 
     async def act() -> ApiResponse:
-        _publish(call.ctx, call.app, event)
+        await call.ctx.publish(_publishes(call.app, event))
         if not event.info:
             return _OK_EMPTY  # no broker round trip on the hot path
         counts = await _counts(call, event.channels)
@@ -283,8 +288,7 @@ def batch_events(call: _Call) -> _Act:
     _charge(call, len(events))
 
     async def act() -> ApiResponse:
-        for event in events:
-            _publish(call.ctx, call.app, event)
+        await call.ctx.publish([p for event in events for p in _publishes(call.app, event)])
         wanted = [event.channels[0] for event in events if event.info]
         if not wanted:
             return _OK_EMPTY
@@ -396,7 +400,7 @@ def terminate_connections(call: _Call) -> _Act:
         load_json_object(call.request.body)  # SDKs send {}; only its syntax matters
 
     async def act() -> ApiResponse:
-        call.ctx.send(TerminateUser(call.app.id, user_id))
+        await call.ctx.send(TerminateUser(call.app.id, user_id))
         return _OK_EMPTY
 
     return act
@@ -499,8 +503,9 @@ class Accepted:
             response = await self.act()
         except ApiError as exc:
             return _refusal(exc, cors)
-        except BrokerUnavailable:
-            return _error(503, "The broker did not answer in time; try again shortly.", cors)
+        except BrokerUnavailable as exc:
+            return _error(503, str(exc) or "The broker did not answer in time; try again "
+                          "shortly.", cors)
         except Exception:
             # Our bug, not the client's: log it, never show its text (STYLE "whose fault").
             log.exception("HTTP API failed on %s %s", self.method, self.path)

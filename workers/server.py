@@ -67,7 +67,7 @@ class Worker:
         self.sync = BrokerSync(self)
         self.admission = Admission(self)
         self.link = BrokerLink(settings, endpoint, slot, self.sync.on_messages,
-                               self.sync.on_welcome, self.corker.cork)
+                               self.sync.on_welcome, self.corker.cork, self.sync.converge)
         self.welcomed = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
         self.stopping = False

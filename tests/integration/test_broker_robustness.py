@@ -84,7 +84,7 @@ class Peer:
 
     def send(self, frames: list[bytes]) -> None:
         assert self.sock.poll(5000, zmq.POLLOUT), "broker link not writable"
-        self.sock.send_multipart(frames, copy=False)
+        self.sock.send_multipart([bytes(8), *frames], copy=False)  # unnumbered
 
     def wait(self, wanted: type[Verb], timeout: float = 15.0,
              rid: int | None = None) -> Verb:
@@ -92,7 +92,7 @@ class Peer:
         while (left := deadline - time.monotonic()) > 0:
             if not self.sock.poll(int(left * 1000) + 1):
                 break
-            for message in envelope.decode_many(self.sock.recv_multipart()):
+            for message in envelope.decode_many(self.sock.recv_multipart()[1:]):
                 if isinstance(message, wanted) and (
                         rid is None or getattr(message, "rid", None) == rid):
                     return message
