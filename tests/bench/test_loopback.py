@@ -18,7 +18,6 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from vask.bench.httppub import Publisher
 from vask.bench.loadgen import Worker, now_us
-from vask.bench.server import free_port
 from vask.bench.signing import hmac_hex, private_auth
 
 KEY, SECRET = "app-key", "app-secret"
@@ -47,8 +46,8 @@ async def fake_pusher(ws: ServerConnection) -> None:
 @pytest.mark.timeout(20)
 def test_worker_against_websockets_server() -> None:
     async def main() -> dict[str, Any]:
-        port = free_port()
-        async with serve(fake_pusher, "127.0.0.1", port):
+        async with serve(fake_pusher, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]  # the kernel's pick: no race
             a, _b = mp.Pipe()
             w = Worker(a, {"host": "127.0.0.1", "port": port, "key": KEY, "secret": SECRET})
             res = await w.cmd_connect({"start": 0, "count": 5, "channel": "private-b{i}"})
@@ -98,8 +97,8 @@ def test_publisher_signs_and_reuses_connections() -> None:
             await writer.drain()
 
     async def main() -> Publisher:
-        port = free_port()
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]  # the kernel's pick: no race
         pub = Publisher("127.0.0.1", port, "app-id", KEY, SECRET, inflight=2)
         await pub.run(6, lambda seq, t: f"~ts{t}~{seq}", "bench")
         server.close()

@@ -3,7 +3,7 @@
 // over workers, so the cache must be cluster-wide); an empty cache channel answers
 // pusher:cache_miss instead. The HTTP API reports the cached event with info=cache.
 import {
-  run, makeClient, connected, subscribe, waitUntil, same, markers, api, observe, check, step, tag,
+  run, spread, subscribe, waitUntil, same, markers, api, observe, check, step, tag,
 } from './lib.mjs';
 
 const SUBSCRIBERS = 3;
@@ -42,9 +42,8 @@ run(async () => {
   check('info=cache is null for an empty cache channel', emptyInfo.status === 200 &&
     emptyInfo.body.cache === null, emptyInfo);
 
-  const clients = Array.from({ length: SUBSCRIBERS }, (_, i) => makeClient(`S${i}`));
   step('connect');
-  await Promise.all(clients.map((c) => connected(c)));
+  const clients = await spread(Array.from({ length: SUBSCRIBERS }, (_, i) => `S${i}`));
   observe('socket_ids', clients.map((c) => c.pusher.connection.socket_id));
   // absence checks below wait for a marker on a separate public channel (see lib.mjs)
   step('marker channel');

@@ -1,9 +1,9 @@
 // Scenario 5: client events. A whispers `client-typing` on a private channel: every other
-// subscriber (spread over workers) gets it, A never gets its own. On a presence channel
+// subscriber (placed over the workers) gets it, A never gets its own. On a presence channel
 // the receivers also learn who sent it: metadata.user_id is A's presence user id, which
 // the server stamps (clients cannot choose it).
 import {
-  run, makeClient, connected, subscribe, waitUntil, same, api, observe, check, step, tag,
+  run, spread, subscribe, waitUntil, same, api, observe, check, step, tag,
 } from './lib.mjs';
 
 const RECEIVERS = 3;
@@ -53,11 +53,12 @@ async function whisperRound(kind, channelName, clients) {
 
 run(async () => {
   const names = ['A', ...Array.from({ length: RECEIVERS }, (_, i) => `B${i + 1}`)];
-  const clients = names.map((label) => makeClient(label, {
+  step('connect');
+  // over all the workers: the sender shares its worker with one receiver (4 clients, 3
+  // workers), the others are elsewhere
+  const clients = await spread(names, (label) => ({
     user: { user_id: `uid-${label}`, user_info: { name: label } },
   }));
-  step('connect');
-  await Promise.all(clients.map((c) => connected(c)));
   observe('socket_ids', clients.map((c) => c.pusher.connection.socket_id));
 
   const priv = await whisperRound('private', `private-chat-${tag}`, clients);

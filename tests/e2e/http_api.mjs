@@ -2,7 +2,7 @@
 // pusher-js clients (spread over workers) see: socket_id exclusion, batch triggers,
 // and channel / presence queries whose answers must reflect the whole cluster.
 import {
-  run, makeClient, connected, subscribe, waitUntil, same, api, observe, check, step, tag,
+  run, spread, subscribe, waitUntil, same, api, observe, check, step, tag,
 } from './lib.mjs';
 
 async function body(promise) {
@@ -14,16 +14,15 @@ run(async () => {
   const pub = `feed-${tag}`;
   const room = `presence-lobby-${tag}`;
 
-  // Public channel: three listeners, the first of which will be excluded.
-  const listeners = ['L0', 'L1', 'L2'].map((label) => makeClient(label));
+  // Public channel: three listeners (one per worker), the first of which will be excluded.
   // Presence: user u1 twice (two tabs), u2 and u3 once: 3 users, 4 subscriptions.
-  const people = [['P-u1a', 'u1'], ['P-u1b', 'u1'], ['P-u2', 'u2'], ['P-u3', 'u3']].map(
-    ([label, id]) => makeClient(label, { user: { user_id: id, user_info: { label } } }));
-  const everyone = [...listeners, ...people];
-  for (const c of everyone) c.got = [];
-
+  const presence = [['P-u1a', 'u1'], ['P-u1b', 'u1'], ['P-u2', 'u2'], ['P-u3', 'u3']];
   step('connect');
-  await Promise.all(everyone.map((c) => connected(c)));
+  const everyone = await spread(['L0', 'L1', 'L2', ...presence.map(([label]) => label)],
+    (label, i) => (i < 3 ? {} : { user: { user_id: presence[i - 3][1], user_info: { label } } }));
+  const listeners = everyone.slice(0, 3);
+  const people = everyone.slice(3);
+  for (const c of everyone) c.got = [];
   observe('socket_ids', everyone.map((c) => c.pusher.connection.socket_id));
   step('subscribe');
   const record = (c) => (ch) => ch.bind_global((event, data) => {

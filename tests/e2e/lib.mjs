@@ -22,6 +22,8 @@ export const settings = {
   appId: argValue('app-id') ?? process.env.E2E_APP_ID ?? '1',
   // Whole-script budget; the Python side kills us a little after this anyway.
   timeoutMs: Number(argValue('timeout-ms') ?? process.env.E2E_TIMEOUT_MS ?? 15000),
+  // How many workers the server runs (clients are placed over them, see spread()).
+  workers: Number(argValue('workers') ?? process.env.E2E_WORKERS ?? 1),
 };
 
 if (!Number.isInteger(settings.port) || settings.port <= 0) {
@@ -315,4 +317,48 @@ export async function markers(entries, ms = 5000) {
     await waitUntil(`marker ${n} (${what}) at every client`,
       () => entries.every((e) => seen.get(e) >= n), ms);
   };
+}
+
+// --- placing clients on workers ----------------------------------------------------
+// A socket id is "<worker prefix>.<n>"; the prefix names the worker holding the
+// connection. SO_REUSEPORT spreads connections by a hash, so a scenario that needs
+// clients on different workers connects until each lands where it is wanted.
+
+const PLACEMENT_ATTEMPTS = 60;
+
+/** The worker prefix of a connected client. */
+export const workerOf = (entry) => String(entry.pusher.connection.socket_id).split('.')[0];
+
+/**
+ * A connected client on worker `want`, or (without `want`) on a worker not in `avoid`.
+ * Misplaced connections are closed and forgotten; after PLACEMENT_ATTEMPTS it throws.
+ */
+export async function connectOn(label, opts = {}, { want, avoid = [] } = {}) {
+  const seen = {};
+  for (let i = 0; i < PLACEMENT_ATTEMPTS; i += 1) {
+    const entry = makeClient(label, opts);
+    await connected(entry);
+    const prefix = workerOf(entry);
+    if (want !== undefined ? prefix === want : !avoid.includes(prefix)) return entry;
+    seen[prefix] = (seen[prefix] ?? 0) + 1;
+    entry.pusher.disconnect();
+    clients.splice(clients.indexOf(entry), 1);
+  }
+  const target = want !== undefined ? `worker ${want}` : `a worker not in ${JSON.stringify(avoid)}`;
+  throw new Error(`${label}: no connection landed on ${target} in ${PLACEMENT_ATTEMPTS} attempts; saw ${JSON.stringify(seen)}`);
+}
+
+/**
+ * Connected clients, one per label, placed round-robin over the server's workers
+ * (settings.workers): client i shares the worker of client i % workers, and the first
+ * `workers` clients are on different workers. `optsFor(label, i)` gives makeClient's opts.
+ */
+export async function spread(labels, optsFor = () => ({})) {
+  const out = [];
+  for (const [i, label] of labels.entries()) {
+    const w = settings.workers;
+    const place = i < w ? { avoid: out.map(workerOf) } : { want: workerOf(out[i % w]) };
+    out.push(await connectOn(label, optsFor(label, i), place));
+  }
+  return out;
 }

@@ -1,28 +1,26 @@
 // Scenario 4: presence across workers. Clients join one at a time; every client already
 // in the channel must see member_added with the newcomer's user_info, and every roster
 // must count everybody. Then they leave one at a time and the rest see member_removed.
-// With several workers and SO_REUSEPORT spreading connections, six clients make it all
-// but certain that some pairs sit on different workers, and we check every pair.
+// The six clients are placed over all the workers (spread()), and we check every pair;
+// the second tab of user-0 is placed on another worker than its first.
 import {
-  run, makeClient, connected, subscribe, waitUntil, same, api, observe, check, step, tag,
+  run, connectOn, spread, workerOf, subscribe, waitUntil, same, api, observe, check, step, tag,
 } from './lib.mjs';
 
 const COUNT = Number(process.env.E2E_PRESENCE_CLIENTS ?? 6);
 
 run(async () => {
   const channelName = `presence-room-${tag}`;
-  const members = [];
-  for (let i = 0; i < COUNT; i += 1) {
-    const user = { user_id: `user-${i}`, user_info: { name: `Person ${i}`, seat: i } };
-    const entry = makeClient(`C${i}`, { user });
-    entry.user = user;
+  const users = Array.from({ length: COUNT }, (_, i) => (
+    { user_id: `user-${i}`, user_info: { name: `Person ${i}`, seat: i } }));
+  step('connect');
+  const members = await spread(users.map((_, i) => `C${i}`), (_, i) => ({ user: users[i] }));
+  for (const [i, entry] of members.entries()) {
+    entry.user = users[i];
     entry.added = []; // [{id, info}] in arrival order
     entry.removed = []; // [id]
     entry.markers = 0; // marker events seen (see mark below)
-    members.push(entry);
   }
-  step('connect');
-  await Promise.all(members.map((m) => connected(m)));
   observe('socket_ids', members.map((m) => m.pusher.connection.socket_id));
 
   // Join one by one so each member_added has one unambiguous expected recipient set.
@@ -85,8 +83,7 @@ run(async () => {
   // A second connection of an existing user is the same member: nobody may see a
   // member_added for it, and its leaving must not remove the user either.
   step('second tab of user-0 joins');
-  const tab = makeClient('C0-tab', { user: members[0].user });
-  await connected(tab);
+  const tab = await connectOn('C0-tab', { user: members[0].user }, { avoid: [workerOf(members[0])] });
   const { data: tabRoster } = await subscribe(tab, channelName);
   observe('second_tab_roster_count', tabRoster.count);
   check('second tab roster count', tabRoster.count === COUNT, tabRoster.count);

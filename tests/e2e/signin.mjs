@@ -1,10 +1,10 @@
-// Scenario 6: user sign-in. Two connections signed in as the same user (likely on
-// different workers) both get a server-to-user event sent with the Node SDK's sendToUser;
+// Scenario 6: user sign-in. Two connections signed in as the same user (on different
+// workers) both get a server-to-user event sent with the Node SDK's sendToUser;
 // a connection signed in as someone else does not. terminateUserConnections then drops
 // exactly that user's connections (close code 4200 per Vask's scope), pusher-js
 // reconnects by itself and signs in again, and the other user is left alone.
 import {
-  run, makeClient, connected, waitUntil, same, markers, api, observe, check, step,
+  run, spread, waitUntil, same, markers, api, observe, check, step,
 } from './lib.mjs';
 
 // Signed in and the #server-to-user channel confirmed: the point where pusher-js
@@ -17,19 +17,16 @@ const signedIn = (c) => {
 run(async () => {
   const ada = { id: 'ada-42', user_info: { name: 'Ada' } };
   const bob = { id: 'bob-7', user_info: { name: 'Bob' } };
-  const clients = [
-    makeClient('ada-1', { signinUser: ada }),
-    makeClient('ada-2', { signinUser: ada }),
-    makeClient('bob', { signinUser: bob }),
-  ];
+  step('connect');
+  // each on its own worker (with 3 workers)
+  const clients = await spread(['ada-1', 'ada-2', 'bob'],
+    (label) => ({ signinUser: label === 'bob' ? bob : ada }));
   const [ada1, ada2, bobClient] = clients;
   for (const c of clients) {
     c.orders = [];
     c.pusher.user.bind('order', (data) => c.orders.push(data));
     c.pusher.user.bind('pusher:signin_error', (err) => c.errors.push({ signin_error: err }));
   }
-  step('connect');
-  await Promise.all(clients.map((c) => connected(c)));
   const initialIds = observe('socket_ids', clients.map((c) => c.pusher.connection.socket_id));
 
   step('signin');

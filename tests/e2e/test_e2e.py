@@ -82,6 +82,8 @@ def scenario(server: Server, script: str) -> dict[str, Any]:
         APP_ID,
         "--timeout-ms",
         str(SCRIPT_BUDGET_MS),
+        "--workers",
+        str(server.workers),
     ]
     try:
         done = subprocess.run(
@@ -117,6 +119,12 @@ def explain(result: dict[str, Any]) -> str:
         indent=1,
         ensure_ascii=False,
     )[:20_000]
+
+
+def assert_on_every_worker(result: dict[str, Any], server: Server) -> None:
+    """The scenario's clients (``socket_ids``) sit on all of the server's workers."""
+    ids = result["observed"].get("socket_ids") or []
+    assert len({i.split(".")[0] for i in ids}) == server.workers, explain(result)
 
 
 def assert_clean(result: dict[str, Any]) -> None:
@@ -165,11 +173,12 @@ def test_private_channel_auth_and_bad_signature() -> None:
 
 
 def test_presence_members_across_workers() -> None:
-    # Three workers and six clients: some pairs are on different workers, and every
-    # pair's member_added / member_removed is checked by the script.
+    # Three workers and six clients placed two per worker (spread() in lib.mjs), and
+    # every pair's member_added / member_removed is checked by the script.
     with run_vask(workers=3) as server:
         result = scenario(server, "presence.mjs")
         seen = result["observed"]
+        assert_on_every_worker(result, server)
         added = {row["client"]: row["added"] for row in seen.get("member_added_per_client", [])}
         users = [f"user-{i}" for i in range(6)]
         assert added == {f"C{i}": users[i + 1 :] for i in range(6)}, explain(result)
@@ -184,6 +193,7 @@ def test_client_events_private_and_presence() -> None:
     with run_vask(workers=3) as server:
         result = scenario(server, "client_events.mjs")
         seen = result["observed"]
+        assert_on_every_worker(result, server)
         message = {"typing": True, "text": "hello from A", "user_id": "forged"}
         for kind, sender_id in (("private", None), ("presence", "uid-A")):
             deliveries = seen.get(f"{kind}_deliveries") or {}
@@ -199,6 +209,7 @@ def test_signin_send_to_user_and_terminate() -> None:
     with run_vask(workers=3) as server:
         result = scenario(server, "signin.mjs")
         seen = result["observed"]
+        assert_on_every_worker(result, server)
         assert seen.get("send_status") == 200, explain(result)
         order = {"order_id": 1001, "items": ["tea", "scones"]}
         assert seen.get("orders") == {"ada-1": [order], "ada-2": [order], "bob": []}, explain(
@@ -217,6 +228,7 @@ def test_http_api_through_node_sdk() -> None:
     with run_vask(workers=3) as server:
         result = scenario(server, "http_api.mjs")
         seen = result["observed"]
+        assert_on_every_worker(result, server)
         assert seen.get("listener_events") == {
             "L0": ["for-all"],
             "L1": ["not-for-l0", "for-all"],
@@ -250,6 +262,7 @@ def test_cache_channel_replay_and_miss() -> None:
     with run_vask(workers=3) as server:
         result = scenario(server, "cache.mjs")
         seen = result["observed"]
+        assert_on_every_worker(result, server)
         # Exactly: the confirmation, then the last cached event (not the earlier one).
         primed = seen.get("primed_sequences") or {}
         assert len(primed) == 3, explain(result)
