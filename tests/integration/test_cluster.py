@@ -218,8 +218,10 @@ def test_sigkill_of_a_worker_removes_exactly_its_members() -> None:
                 await client.wait(lambda f, c=client: sorted(
                     member_ids(c, removed, "presence-k")) == gone, timeout=15)
             # Marker: a new member joins through the restarted worker (a prefix none of
-            # the first clients had). The broker purged the dead worker before that
-            # worker's successor said hello, so any wrong member_removed comes first.
+            # the first clients had). That worker accepts connections only after the
+            # broker welcomed it, so the broker handles the newcomer's subscribe after
+            # the purge and after the successor's hello: a wrong member_removed caused
+            # by either reaches each client before member_added(k-new).
             newcomer = await connect_on_worker(srv.ws_url, avoid=workers_of(clients))
             await newcomer.subscribe("presence-k", json.dumps({"user_id": "k-new"}))
             for client in alive:
