@@ -113,6 +113,9 @@ class BrokerLink:
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.sock.connect(endpoint)
         self.welcomed = False
+        #: the broker has every worker's state (RECOVERED since our last hello): until
+        #: then it refuses HTTP API publishes, and this worker reports not ready
+        self.recovered = False
         self.broker_epoch = 0
         self.last_heard = 0.0
         self.next_rid = 1
@@ -140,6 +143,7 @@ class BrokerLink:
 
     def say_hello(self) -> None:
         self.welcomed = False
+        self.recovered = False
         self.heard_seq = 0
         self._fail_pending()
         self.send(Hello(ENVELOPE_VERSION, self.name, self.epoch, self.prefix, os.getpid()))
@@ -314,6 +318,7 @@ class BrokerLink:
                         "gap in this worker's messages)")
         elif isinstance(message, Recovered) and self.welcomed \
                 and message.broker_epoch == self.broker_epoch:
+            self.recovered = True
             self.on_recovered()
 
     def _welcomed(self, message: Welcome) -> None:

@@ -96,8 +96,10 @@ class Worker:
         if path == "/up" or path == "/":
             return http_response(200, b'{"status":"ok"}', keep_alive)
         if path == "/ready":
-            ready = self.link.up and not self.stopping
-            body_out = orjson.dumps({"ready": ready, "broker": self.link.up})
+            link = self.link
+            ready = link.up and link.recovered and not self.stopping
+            body_out = orjson.dumps({"ready": ready, "broker": link.up,
+                                     "recovering": link.up and not link.recovered})
             return http_response(200 if ready else 503, body_out, keep_alive)
         api = self.api
         if api is not None and (path.startswith("/apps/") or path.startswith("/users/")):

@@ -154,7 +154,7 @@ def test_health_ready_and_404(server: Server) -> None:
     with urllib.request.urlopen(base + "/up", timeout=5) as r:
         assert r.status == 200
     with urllib.request.urlopen(base + "/ready", timeout=5) as r:
-        assert json.loads(r.read()) == {"ready": True, "broker": True}
+        assert json.loads(r.read()) == {"ready": True, "broker": True, "recovering": False}
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(base + "/nothing-here", timeout=5)
     assert info.value.code == 404
