@@ -4,7 +4,7 @@
 send in answer: a list of ``(worker_identity, message)`` pairs (:data:`Out`). Webhook
 events it implies are appended to :attr:`ClusterState.webhooks`.
 
-Rules it owns (the ones that need cluster-wide knowledge, DESIGN.md):
+Rules it owns (the ones that need cluster-wide knowledge; docs/architecture.md):
 
 * Routing: a channel's publishes go once to each worker with at least one subscriber
   there, never per recipient. Per-channel order is the order publishes arrive here.

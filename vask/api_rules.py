@@ -131,7 +131,7 @@ def _json_type(value: object) -> str:
 
 
 def app_for_segment(settings: Settings, segment: str) -> App:
-    """The app named by the ``{app}`` path segment: its key or its id (vask-scope §4).
+    """The app named by the ``{app}`` path segment: its key or its id.
 
     Configuration guarantees no app's id equals another app's key, so the lookup is
     unambiguous. Unknown → 404.

@@ -1,6 +1,6 @@
 """Channel kinds and channel-name rules (spec §3).
 
-Kinds are decided by prefix, most specific first (vask-scope §2). Names may hold only
+Kinds are decided by prefix, most specific first (Pusher channel types). Names may hold only
 ``[-a-zA-Z0-9_=@,.;]`` and be at most the app's ``max_channel_name_length`` long; the
 only ``#`` name is the reserved ``#server-to-user-{user_id}`` bound by sign-in.
 """

@@ -1,4 +1,4 @@
-"""The Pusher HTTP API endpoints, as the worker calls them (spec §8, vask-scope §4).
+"""The Pusher HTTP API endpoints, as the worker calls them (Pusher HTTP API spec §8).
 
 The worker's HTTP layer parses a request into an :class:`ApiRequest` and answers it in
 two steps. :func:`accept_api` runs at once, without waiting for anything, every check
