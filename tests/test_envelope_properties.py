@@ -33,10 +33,12 @@ from vask.envelope import (
     Hello,
     Publish,
     Query,
+    Recovered,
     Reply,
     Resync,
     SignIn,
     Subscribe,
+    Synced,
     Terminate,
     TerminateUser,
     Unsubscribe,
@@ -67,25 +69,30 @@ objects = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 members = st.one_of(st.none(), st.tuples(name, json_values).map(list))
 payloads = st.binary(max_size=64)
 
-verbs: st.SearchStrategy[Verb] = st.one_of(
-    st.builds(Hello, counts, name, counts, counts, counts),
-    st.builds(Welcome, st.booleans(), counts, st.text(max_size=40)),
-    st.builds(Heartbeat, counts),
-    st.builds(Resync, counts),
-    st.builds(Bye, name),
-    st.builds(ConnOpen, counts, name, name, counts),
-    st.builds(ConnClose, name, name),
-    st.builds(Subscribe, counts, name, name, name, members, counts),
-    st.builds(Unsubscribe, name, name, name),
-    st.builds(SignIn, name, name, name, st.lists(name, max_size=5)),
-    st.builds(Publish, name, name, name_or_empty, seconds, payloads, st.booleans()),
-    st.builds(Deliver, name, name, name_or_empty, payloads),
-    st.builds(DeliverTo, st.lists(name, max_size=5), payloads),
-    st.builds(Terminate, st.lists(name, max_size=5), counts, st.text(max_size=40)),
-    st.builds(TerminateUser, name, name),
-    st.builds(Query, counts, name, name, objects),
-    st.builds(Reply, counts, objects),
-)
+#: one strategy per verb, with valid field values
+VERB_STRATEGIES: dict[type[Verb], st.SearchStrategy[Verb]] = {
+    Hello: st.builds(Hello, counts, name, counts, counts, counts),
+    Welcome: st.builds(Welcome, st.booleans(), counts, st.text(max_size=40)),
+    Heartbeat: st.builds(Heartbeat, counts),
+    Resync: st.builds(Resync, counts),
+    Synced: st.builds(Synced, counts),
+    Recovered: st.builds(Recovered, counts),
+    Bye: st.builds(Bye, name),
+    ConnOpen: st.builds(ConnOpen, counts, name, name, counts),
+    ConnClose: st.builds(ConnClose, name, name),
+    Subscribe: st.builds(Subscribe, counts, name, name, name, members, counts),
+    Unsubscribe: st.builds(Unsubscribe, name, name, name),
+    SignIn: st.builds(SignIn, name, name, name, st.lists(name, max_size=5)),
+    Publish: st.builds(Publish, name, name, name_or_empty, seconds, payloads, st.booleans(),
+                       counts),
+    Deliver: st.builds(Deliver, name, name, name_or_empty, payloads),
+    DeliverTo: st.builds(DeliverTo, st.lists(name, max_size=5), payloads),
+    Terminate: st.builds(Terminate, st.lists(name, max_size=5), counts, st.text(max_size=40)),
+    TerminateUser: st.builds(TerminateUser, name, name, counts),
+    Query: st.builds(Query, counts, name, name, objects),
+    Reply: st.builds(Reply, counts, objects),
+}
+verbs: st.SearchStrategy[Verb] = st.one_of(*VERB_STRATEGIES.values())
 
 # --- hostile input --------------------------------------------------------------------
 
@@ -213,8 +220,9 @@ traffic: st.SearchStrategy[Verb] = st.one_of(
     st.builds(SignIn, apps, sockets, users, st.lists(users, max_size=3)),
     st.builds(Publish, apps, channels, st.one_of(st.just(""), sockets), seconds,
               st.sampled_from([b"{}", b"[]", b"not json", b'{"event":"e","data":1}']),
-              st.booleans()),
-    st.builds(TerminateUser, apps, users),
+              st.booleans(), st.integers(0, 3)),
+    st.builds(TerminateUser, apps, users, st.integers(0, 3)),
+    st.builds(Synced, counts),
     st.builds(Query, st.integers(1, 3), apps,
               st.sampled_from(["channels", "channel", "users", "counts", "user", "nope"]),
               query_args),
@@ -285,3 +293,8 @@ def check_invariants(state: Any) -> None:
     for identity, worker in state.workers.items():
         assert all(state.sockets[k].worker == identity for k in worker.sockets)
     assert sum(len(w.sockets) for w in state.workers.values()) == len(state.sockets)
+
+
+
+def test_the_round_trip_strategies_cover_every_verb() -> None:
+    assert set(VERB_STRATEGIES) == set(VERBS.values())
