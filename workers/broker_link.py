@@ -52,6 +52,8 @@ log = logging.getLogger("vask.worker")
 # plain ints: pyzmq's enum flags cost an enum construction per use on the hot path
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 QUEUE_LIMIT = 200_000  # messages
+#: envelope messages per ZeroMQ message at most (the broker reads in shares of 256)
+BATCH_LIMIT = 1024
 DRAIN_LIMIT = 64  # ZeroMQ messages (each possibly a batch) handled per loop turn
 BYE_LINGER_MS = 500
 _CONTROL = (Reply, Heartbeat, Welcome, Resync, Recovered)
@@ -198,14 +200,19 @@ class BrokerLink:
         if not outbox or self.closed:
             return
         self.outbox = []
-        self.sent_seq += 1
-        try:
-            self.sock.send_multipart(
-                [self.sent_seq.to_bytes(8, "big"), *envelope.encode_batch(outbox)], _NOBLOCK)
-        except zmq.Again:
-            # The broker will see the gap in our numbers; do not wait for it to say so.
-            self.counters["link_drops"] += 1
-            self.resync(f"the queue to the broker is full; dropped {len(outbox)} messages")
+        # A huge turn (the replay of thousands of connections) leaves in several
+        # batches, so the broker can interleave other workers' traffic between them.
+        for start in range(0, len(outbox), BATCH_LIMIT):
+            chunk = outbox[start:start + BATCH_LIMIT]
+            self.sent_seq += 1
+            try:
+                self.sock.send_multipart(
+                    [self.sent_seq.to_bytes(8, "big"), *envelope.encode_batch(chunk)], _NOBLOCK)
+            except zmq.Again:
+                # The broker will see the gap in our numbers; do not wait for it to say so.
+                self.counters["link_drops"] += 1
+                self.resync(f"the queue to the broker is full; dropped {len(chunk)} messages")
+                break
         if not self.drain_scheduled:
             self.drain_scheduled = True
             self.loop.call_soon(self.drain)
