@@ -145,3 +145,27 @@ def test_a_lost_broker_message_makes_the_worker_resync() -> None:
             router.close(linger=0)
 
     asyncio.run(go())
+
+
+def test_a_huge_turn_leaves_in_numbered_batches() -> None:
+    """A replay of thousands of connections must not be one enormous ZeroMQ message: the
+    broker could not interleave other workers while it works through it."""
+    async def go() -> None:
+        endpoint = f"inproc://link-batches-{uuid.uuid4().hex}"
+        router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(endpoint)
+        settings = Settings(apps=(APP,), heartbeat_interval=3600.0, heartbeat_timeout=7200.0)
+        link = BrokerLink(settings, endpoint, 0, lambda messages: None, lambda replay: None)
+        try:
+            for i in range(2500):
+                link.send(Subscribe(0, "1", f"c{i}", "1.1", None, 0))
+            link.flush()
+            got = take(router)
+            assert [seq for seq, _ in got] == [1, 2, 3]
+            assert [len(batch) for _, batch in got] == [1024, 1024, 452]
+        finally:
+            link.close()
+            router.close(linger=0)
+
+    asyncio.run(go())
