@@ -87,7 +87,7 @@ class BrokerLink:
         self.prefix = secrets.randbelow(899_999_999) + 100_000_000
         self.on_message = on_message
         self.on_welcome = on_welcome
-        #: called with True before a multi-message batch is handled and False after
+        #: called with True before a drain's messages are handled and False after
         self.on_batch = on_batch
         #: the broker rebuilt its state: compare what clients were told with it
         self.on_recovered = on_recovered
@@ -258,6 +258,16 @@ class BrokerLink:
         self.drain_scheduled = False
         if self.closed:
             return
+        # Everything one drain delivers is corked and leaves in one write per
+        # connection at its end: a burst of events (a busy channel, a saturated worker)
+        # costs one syscall per subscriber per drain, not one per event.
+        self.on_batch(True)
+        try:
+            self._drain()
+        finally:
+            self.on_batch(False)
+
+    def _drain(self) -> None:
         sock = self.sock
         on_message = self.on_message
         taken = 0
@@ -292,7 +302,6 @@ class BrokerLink:
                     self.counters["link_gaps"] += 1
                     # what did arrive is still good: handle it below
                     self.resync(f"lost {seq - expected} messages from the broker")
-            self.on_batch(len(messages) > 1)
             # In order: runs of traffic go to the worker together (so it can join
             # deliveries), link-level messages are handled where they stand.
             traffic: list[Verb] = []
@@ -306,7 +315,6 @@ class BrokerLink:
                     traffic.append(message)
             if traffic:
                 on_message(traffic)
-            self.on_batch(False)
         self.caught_up.set()
 
     def _control(self, message: Verb) -> None:

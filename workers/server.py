@@ -61,7 +61,9 @@ class Worker:
         self.wall = time.time()
         #: named event counts (refusals, cuts); read by tests and, later, metrics
         self.counters: Counter[str] = Counter()
-        self.corker = Corker(self.loop, settings.write_buffer_high)
+        # Corked bytes of one turn, all connections together: past this they are written at
+        # once (a turn's pongs to a ping flood, a drain's deliveries to many subscribers).
+        self.corker = Corker(self.loop, settings.write_buffer_limit)
         self.rosters = Rosters()
         self.index = ChannelIndex(self.corker, self.rosters)
         self.sync = BrokerSync(self)
