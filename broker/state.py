@@ -193,9 +193,19 @@ class ClusterState:
         return []
 
     def _recovered(self) -> Out:
+        """The state is whole again: workers compare presence rosters (RECOVERED),
+        every watcher gets its whole watchlist view again (a watched user who went
+        offline in the gap is reported offline), and every channel's subscription
+        count is sent again at the next count flush."""
         self.recovering = False
         message = Recovered(self.epoch)
-        return [(w, message) for w in self.workers if w not in self.syncing]
+        out: Out = [(w, message) for w in self.workers if w not in self.syncing]
+        for (app_id, socket_id), info in self.sockets.items():
+            if info.watchlist and info.user_id is not None and info.worker not in self.syncing:
+                out.append((info.worker, self._watch_view(app_id, socket_id, info)))
+        for key in self.channels:
+            self._count_changed(key)
+        return out
 
     def _quiet(self, worker: bytes) -> bool:
         """No member events for this worker's connections now (see Recovery)."""
@@ -419,16 +429,21 @@ class ClusterState:
         out: Out = []
         signed_in = self.online.setdefault((msg.app, msg.user_id), set())
         signed_in.add(msg.socket_id)
-        if len(signed_in) == 1:
+        quiet = self._quiet(identity)  # a replay: views are re-sent once recovered
+        if len(signed_in) == 1 and not quiet:
             out += self._watch_notify(msg.app, msg.user_id, online=True)
         if info.watchlist:
             for watched in info.watchlist:
                 self.watchers[(msg.app, watched)].add(msg.socket_id)
-            online = [u for u in info.watchlist if (msg.app, u) in self.online]
-            offline = [u for u in info.watchlist if (msg.app, u) not in self.online]
-            out.append((identity, DeliverTo([msg.socket_id],
-                                            frames.watchlist_events(online, offline))))
+            if not quiet:
+                out.append((identity, self._watch_view(msg.app, msg.socket_id, info)))
         return out
+
+    def _watch_view(self, app_id: str, socket_id: str, info: SocketInfo) -> DeliverTo:
+        """A watcher's whole view: which of its watched users are online, which not."""
+        online = [u for u in info.watchlist if (app_id, u) in self.online]
+        offline = [u for u in info.watchlist if (app_id, u) not in self.online]
+        return DeliverTo([socket_id], frames.watchlist_events(online, offline))
 
     def _sign_out(self, app_id: str, socket_id: str, info: SocketInfo) -> Out:
         assert info.user_id is not None
@@ -444,7 +459,8 @@ class ClusterState:
             signed_in.discard(socket_id)
             if not signed_in:
                 del self.online[(app_id, info.user_id)]
-                out += self._watch_notify(app_id, info.user_id, online=False)
+                if not self._quiet(info.worker):
+                    out += self._watch_notify(app_id, info.user_id, online=False)
         return out
 
     def _watch_notify(self, app_id: str, user_id: str, online: bool) -> Out:
@@ -528,7 +544,10 @@ class ClusterState:
                 self.count_dirty.add(key)
 
     def flush_counts(self, now: float) -> Out:
-        """Send coalesced ``pusher_internal:subscription_count`` events (spec §13.5)."""
+        """Send coalesced ``pusher_internal:subscription_count`` events (spec §13.5);
+        none while the state is being rebuilt (the counts would be partial)."""
+        if self.recovering or self.syncing:
+            return []
         out: Out = []
         for key in list(self.count_dirty):
             state = self.channels.get(key)
