@@ -141,7 +141,7 @@ class HttpProtocol(Outbound):
         self.overflow = False
         #: responses not yet written, in request order, with their keep-alive flag
         self.pipeline: deque[tuple[Response, bool]] | None = None
-        self.running: asyncio.Future[bytes] | None = None
+        self.running: asyncio.Task[None] | None = None
         self.refusal: _Refused | None = None
         # per-request state
         self.url = b""
@@ -279,8 +279,7 @@ class HttpProtocol(Outbound):
         while pipeline and self.running is None:
             response, keep_alive = pipeline[0]
             if not isinstance(response, bytes):
-                running = self.running = self.worker.loop.create_task(response())
-                running.add_done_callback(self._answered)
+                self.running = self.worker.loop.create_task(self._answer(response))
                 return
             pipeline.popleft()
             self.write(response)
@@ -294,17 +293,21 @@ class HttpProtocol(Outbound):
                 return
             self.resume(PAUSED_PIPELINE)
 
-    def _answered(self, future: asyncio.Future[bytes]) -> None:
+    async def _answer(self, response: Callable[[], Coroutine[Any, Any, bytes]]) -> None:
+        """Run one HTTP API call and write its answer in the same task step that gets
+        the result (a done callback would wait one more loop turn, behind whatever
+        fan-out that turn writes)."""
+        keep_alive = True
+        try:
+            data = await response()
+        except Exception:
+            log.exception("HTTP API handler failed")
+            data = error_response(500, "internal error", keep_alive)
         self.running = None
         pipeline = self.pipeline
         if pipeline is None or self.transport is None:
             return
         _, keep_alive = pipeline.popleft()
-        try:
-            data = future.result()
-        except Exception:
-            log.exception("HTTP API handler failed")
-            data = error_response(500, "internal error", keep_alive)
         self.write(data)
         if not keep_alive:
             self._finish()

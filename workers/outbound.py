@@ -145,12 +145,16 @@ class Corker:
             self.loop.call_soon(self.flush)
 
     def cork(self, on: bool) -> None:
-        """Start or end a corked broker batch."""
+        """Start or end a corked broker drain. What it queued is written by the flush
+        scheduled for this loop turn: after the callbacks the drain made ready (HTTP API
+        calls whose broker answer came in it), so their answers do not wait for it."""
         if on:
             self.corked = True
         elif self.corked:
             self.corked = False
-            self.flush()
+            if self.pending and not self._scheduled:
+                self._scheduled = True
+                self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
