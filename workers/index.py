@@ -60,9 +60,9 @@ class ChannelIndex:
         The hot path of a publish: the same bytes go to each connection through its
         :meth:`~vask.workers.outbound.Outbound.write` (so flow control and the hard
         limit apply), straight away; a connection that already has corked output gets
-        them appended there instead, to keep its order. Inside a multi-message broker
-        batch everything is corked and leaves in one write per connection at the batch's
-        end (a burst of presence joins or events: one syscall per member, not per event).
+        them appended there instead, to keep its order. During a broker drain everything
+        is corked and leaves in one write per connection after it (a burst of presence
+        joins or events: one syscall per member, not per event).
         """
         targets = self.channels.get((app_id, channel))
         if targets is None:

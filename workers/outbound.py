@@ -18,8 +18,8 @@ with requests waiting to be answered): :attr:`Outbound.paused` is a bit set of r
 and reading resumes only when none is left.
 
 :class:`Corker` batches writes: frames queued during one loop turn leave in one
-``write`` per connection at the end of the turn (``call_soon``), and inside a
-multi-message broker batch everything is held until the batch ends.
+``write`` per connection at the end of the turn (``call_soon``); during a broker drain
+nothing is written until it ends.
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ class Corker:
         self.held = 0
         self.limit = limit
         self._scheduled = False
-        #: True while a multi-message broker batch is handled: everything is held and
-        #: leaves once at its end, so a subscriber gets one write per batch
+        #: True while a broker drain is handled: everything is held and leaves after
+        #: it, so a subscriber gets one write per drain
         self.corked = False
         self._frame_cache: tuple[bytes, bytes] = (b"", b"")
 
