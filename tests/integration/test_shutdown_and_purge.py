@@ -1,0 +1,90 @@
+"""Two recovery paths on a real `vask run`: a graceful stop with clients connected, and
+the broker purging a worker that stopped heartbeating (SIGSTOP, not dead)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.pusher_client import PusherClient, close_all, connect_on_worker, worker_of
+from tests.servers import run_vask
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_sigterm_with_clients_connected_closes_each_with_4200_then_exits_0() -> None:
+    with run_vask(workers=2) as server:
+        async def go() -> list[tuple[int | None, str | None]]:
+            clients = [await PusherClient.connect(server.ws_url) for _ in range(6)]
+            for client in clients:
+                await client.subscribe("news")
+            server.process.send_signal(signal.SIGTERM)
+            closes = [await asyncio.wait_for(c.closed, 10) for c in clients]
+            for client in clients:
+                errors = client.events("pusher:error")
+                assert errors and errors[-1]["data"]["code"] == 4200
+            return closes
+
+        closes = asyncio.run(go())
+        assert {code for code, _ in closes} == {4200}
+        assert server.process.wait(timeout=15) == 0
+
+
+def worker_holding(client: PusherClient, port: int, pids: list[int]) -> int:
+    """The pid of the process holding the server side of ``client``'s TCP connection
+    (found through /proc: the socket's inode, then the process's descriptors)."""
+    client_port = client.ws.local_address[1]
+    inode = ""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, remote = fields[1], fields[2]
+                if int(local.rsplit(":", 1)[1], 16) == port and \
+                        int(remote.rsplit(":", 1)[1], 16) == client_port:
+                    inode = fields[9]
+    assert inode, "the connection is not in /proc/net/tcp"
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError("no process holds the connection")
+
+
+CONFIG = """
+[server]
+heartbeat_interval = 0.5
+heartbeat_timeout = 2.0
+"""
+
+
+def test_a_worker_that_stops_heartbeating_is_purged_with_its_members() -> None:
+    with run_vask(workers=2, config=CONFIG) as server:
+        async def go() -> None:
+            watcher = await PusherClient.connect(server.ws_url)
+            frozen = await connect_on_worker(server.ws_url, avoid={worker_of(watcher)})
+            data = {"user_id": "frozen", "user_info": {}}
+            await watcher.subscribe("presence-room", json.dumps({"user_id": "w"}))
+            await frozen.subscribe("presence-room", json.dumps(data))
+            await watcher.wait(lambda f: f.get("event") == "pusher_internal:member_added")
+            stopped = worker_holding(frozen, server.port, server.children())
+            os.kill(stopped, signal.SIGSTOP)
+            began = time.monotonic()
+            try:
+                removed = await watcher.wait(
+                    lambda f: f.get("event") == "pusher_internal:member_removed", timeout=15)
+                assert json.loads(removed["data"])["user_id"] == "frozen"
+                assert time.monotonic() - began < 10  # heartbeat_timeout 2 s plus a tick
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+            await close_all([watcher, frozen])
+
+        asyncio.run(go())
