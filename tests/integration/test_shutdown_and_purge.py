@@ -1,5 +1,6 @@
-"""Two recovery paths on a real `vask run`: a graceful stop with clients connected, and
-the broker purging a worker that stopped heartbeating (SIGSTOP, not dead)."""
+"""Recovery paths on a real `vask run`: a graceful stop with clients connected, the
+broker purging a worker that stopped heartbeating (SIGSTOP, not dead), the supervisor's
+crash-loop stop and SIGKILL escalation, and the closing-handshake deadline."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.pusher_client import PusherClient, close_all, connect_on_worker, worker_of
-from tests.servers import run_vask
+from tests.servers import process_name, run_vask
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,3 +91,57 @@ def test_a_worker_that_stops_heartbeating_is_purged_with_its_members() -> None:
             await close_all([watcher, frozen])
 
         asyncio.run(go())
+
+
+def test_a_child_that_keeps_dying_at_startup_stops_the_supervisor() -> None:
+    """The broker is killed within EARLY_DEATH of each start: after MAX_EARLY_DEATHS in a
+    row the supervisor gives up with exit status 1 and says why."""
+    with run_vask(workers=1) as server:
+        seen: set[int] = set()
+        deadline = time.monotonic() + 60
+        while server.process.poll() is None and time.monotonic() < deadline:
+            brokers = [p for p in server.children()
+                       if process_name(p) == "vask-broker" and p not in seen]
+            for pid in brokers:
+                seen.add(pid)
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        assert server.process.wait(timeout=10) == 1
+        assert len(seen) == 5
+        assert "keeps dying at startup" in server.log()
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace() -> None:
+    config = "[server]\nshutdown_grace = 1.0\n"
+    with run_vask(workers=1, config=config) as server:
+        worker = next(p for p in server.children() if process_name(p).startswith("vask-worker"))
+        os.kill(worker, signal.SIGSTOP)  # a stopped process does not act on SIGTERM
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=20)
+        took = time.monotonic() - began
+        assert 2.5 < took < 1.0 + 2.0 + 3.0  # it waits shutdown_grace + 2 s, then SIGKILL
+        stat = Path(f"/proc/{worker}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z"
+
+
+def test_a_client_that_never_answers_the_close_frame_is_cut_after_5_s() -> None:
+    with run_vask(workers=1) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+            sock.sendall(b"GET /app/app-key?protocol=abc HTTP/1.1\r\nHost: x\r\n"
+                         b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Version: 13\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            began = time.monotonic()
+            got = b""
+            while True:  # the 101, the pusher:error 4006 and the close frame, then EOF
+                try:
+                    chunk = sock.recv(4096)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+            took = time.monotonic() - began
+        assert b"101 Switching Protocols" in got and b"4006" in got
+        assert 4.0 < took < 5.0 + 2.5  # the closing handshake waits 5 s, checked each 1 s
