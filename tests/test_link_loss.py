@@ -169,3 +169,30 @@ def test_a_huge_turn_leaves_in_numbered_batches() -> None:
             router.close(linger=0)
 
     asyncio.run(go())
+
+
+def test_a_worker_whose_prefix_is_taken_picks_another_and_says_hello_again() -> None:
+    async def go() -> None:
+        endpoint = f"inproc://link-prefix-{uuid.uuid4().hex}"
+        router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(endpoint)
+        settings = Settings(apps=(APP,), heartbeat_interval=3600.0, heartbeat_timeout=7200.0)
+        link = BrokerLink(settings, endpoint, 0, lambda messages: None, lambda replay: None)
+        try:
+            link.start()
+            identity, *_ = await asyncio.to_thread(router.recv_multipart)
+            first = link.prefix
+            router.send_multipart([identity, *numbered(1, Welcome(False, 77,
+                                                                  "socket id prefix in use"))])
+            for _ in range(20):
+                link.drain()
+                await asyncio.sleep(0.01)
+            assert not link.welcomed and link.prefix != first
+            hellos = [m for _, batch in take(router) for m in batch if isinstance(m, Hello)]
+            assert hellos and hellos[-1].prefix == link.prefix
+        finally:
+            link.close()
+            router.close(linger=0)
+
+    asyncio.run(go())
