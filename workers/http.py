@@ -52,6 +52,7 @@ log = logging.getLogger("vask.worker")
 
 MAX_HEADERS = 100
 MAX_PIPELINED = 32
+BURST_REQUESTS = 64  # requests in one read above which others get the loop first
 LINGER = 2.0  # seconds a refused connection is read from (and discarded) before closing
 
 _JSON = b"application/json"
@@ -120,6 +121,7 @@ class HttpProtocol(Outbound):
         "peer",
         "pipeline",
         "refusal",
+        "requests",
         "running",
         "started",
         "url",
@@ -143,6 +145,8 @@ class HttpProtocol(Outbound):
         self.pipeline: deque[tuple[Response, bool]] | None = None
         self.running: asyncio.Task[None] | None = None
         self.refusal: _Refused | None = None
+        #: requests completed in the current read
+        self.requests = 0
         # per-request state
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -173,6 +177,7 @@ class HttpProtocol(Outbound):
         if parser is None:
             return  # lingering after a refusal: discard
         self.began = False
+        self.requests = 0
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -186,6 +191,8 @@ class HttpProtocol(Outbound):
             else:
                 self.refuse(400, f"Malformed HTTP request: {exc}")
             return
+        if self.requests > BURST_REQUESTS:
+            self.pause_for_a_turn()  # a read full of pipelined requests: others first
         if self.in_head and not self.began:
             # The head started in an earlier read and is still incomplete: all of this
             # read belongs to it. (A head that starts in this read is measured exactly
@@ -244,6 +251,7 @@ class HttpProtocol(Outbound):
         parser = self.parser
         assert parser is not None
         self.in_request = False
+        self.requests += 1
         self.idle_since = time.monotonic()
         if parser.should_upgrade():
             return  # handled by HttpParserUpgrade

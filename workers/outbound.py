@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 #: reasons reading from a client is paused (bits of Outbound.paused)
 PAUSED_WRITES = 1  # its outbound buffer is above the high-water mark
 PAUSED_PIPELINE = 2  # it has HTTP requests waiting to be answered
+PAUSED_BURST = 4  # one read held a burst of requests or messages: others go first
+#: frames one connection may have corked before they are written at once
+MAX_CORKED_FRAMES = 256
 
 
 class Outbound(asyncio.Protocol):
@@ -66,6 +69,12 @@ class Outbound(asyncio.Protocol):
         if not self.paused and self.transport is not None:
             self.transport.pause_reading()
         self.paused |= reason
+
+    def pause_for_a_turn(self) -> None:
+        """Stop reading until the next loop turn (after a read that held a burst)."""
+        if not self.paused & PAUSED_BURST:
+            self.pause(PAUSED_BURST)
+            self.worker.loop.call_soon(self.resume, PAUSED_BURST)
 
     def resume(self, reason: int) -> None:
         if not self.paused & reason:
@@ -99,6 +108,10 @@ class Outbound(asyncio.Protocol):
             corker.dirty(self)
         else:
             out.append(data)
+            if len(out) >= MAX_CORKED_FRAMES:
+                # One connection's own burst (pongs to a flood of pings read in one
+                # wake-up): write it now, so the transport's flow control sees it.
+                self.flush()
         corker.held += len(data)
         if corker.held > corker.limit:
             corker.flush()

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 OPENING, OPEN, CLOSING, CLOSED = range(4)
 CLOSE_WAIT = 5.0  # seconds a started closing handshake may take before the abort
 
+#: frames in one read above which the connection is not read again until the next turn
+BURST_FRAMES = 256
 #: idle websockets protocol objects a worker keeps for reuse
 WS_POOL_SIZE = 256
 
@@ -92,7 +94,11 @@ class PusherConnection(Outbound):
         self.ping_sent = 0.0
         ws = self.protocol()
         ws.receive_data(data)
-        self._frames(ws)
+        if self._frames(ws) > BURST_FRAMES:
+            # One read held a flood of messages: let everyone else have the loop before
+            # this connection is read again (the event loop would otherwise read up to
+            # 32 such buffers from it in one go).
+            self.pause_for_a_turn()
 
     def eof_received(self) -> bool | None:
         self.protocol().receive_eof()
@@ -123,8 +129,10 @@ class PusherConnection(Outbound):
             if len(pool) < WS_POOL_SIZE:
                 pool.append(ws)
 
-    def _frames(self, ws: ServerProtocol) -> None:
-        for frame in ws.events_received():
+    def _frames(self, ws: ServerProtocol) -> int:
+        """Handle the frames parsed so far; how many there were."""
+        events = ws.events_received()
+        for frame in events:
             if not isinstance(frame, Frame):  # an OPEN protocol only yields frames
                 continue
             opcode = frame.opcode
@@ -160,6 +168,7 @@ class PusherConnection(Outbound):
         self._flush_ws()
         if self.ws is not None:
             self._release(self.ws)
+        return len(events)
 
     def _binary(self) -> None:
         self.send(frames.error(None, "Binary frames are not supported: send JSON text frames"))
