@@ -9,8 +9,10 @@ state is right again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import zmq
@@ -50,6 +52,30 @@ def take(sock: zmq.Socket[bytes], timeout_ms: int = 2000) -> list[tuple[int, lis
                 frames = frames[1:]
             out.append((int.from_bytes(frames[0], "big"), envelope.decode_many(frames[1:])))
     return out
+
+
+@contextlib.asynccontextmanager
+async def linked(**callbacks: Any) -> AsyncIterator[tuple[zmq.Socket[bytes], BrokerLink]]:
+    """A real worker-side BrokerLink connected to a raw ROUTER that plays the broker."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = f"inproc://link-{uuid.uuid4().hex}"
+    router.bind(endpoint)
+    settings = Settings(apps=(APP,), heartbeat_interval=3600.0, heartbeat_timeout=7200.0)
+    link = BrokerLink(settings, endpoint, 0, lambda messages: None, lambda replay: None,
+                      **callbacks)
+    try:
+        yield router, link
+    finally:
+        link.close()
+        router.close(linger=0)
+
+
+async def settle(link: BrokerLink) -> None:
+    """Let the link take what the fake broker sent."""
+    for _ in range(20):
+        link.drain()
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -103,46 +129,31 @@ def test_a_lost_worker_message_makes_the_broker_ask_for_a_resync(broker: Broker)
 
 def test_a_lost_broker_message_makes_the_worker_resync() -> None:
     async def go() -> None:
-        endpoint = f"inproc://link-loss-{uuid.uuid4().hex}"
-        router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.bind(endpoint)
         recovered: list[bool] = []
-        settings = Settings(apps=(APP,), heartbeat_interval=3600.0, heartbeat_timeout=7200.0)
-        link = BrokerLink(settings, endpoint, 0, lambda messages: None, lambda replay: None,
-                          on_recovered=lambda: recovered.append(True))
         failed: list[object] = []
-        try:
+        async with linked(on_recovered=lambda: recovered.append(True)) as (router, link):
             link.start()
             identity, *_ = await asyncio.to_thread(router.recv_multipart)
 
             def to_worker(seq: int, *messages: Verb) -> None:
                 router.send_multipart([identity, *numbered(seq, *messages)])
 
-            async def settle() -> None:
-                for _ in range(20):
-                    link.drain()
-                    await asyncio.sleep(0.01)
-
             to_worker(1, Welcome(True, 77, ""))
-            await settle()
+            await settle(link)
             assert link.welcomed
             to_worker(2, Recovered(77))
-            await settle()
+            await settle(link)
             assert recovered == [True]
             link.request(lambda rid: Subscribe(rid, "1", "p", "1.1", None, 0), failed.append)
             # Message 3 is lost; 4 arrives: the worker says hello again at once, and
             # the request still waiting is answered None (its answer may be lost).
             to_worker(4, Heartbeat(77))
-            await settle()
+            await settle(link)
             assert not link.welcomed
             assert link.counters["link_gaps"] == 1
             assert failed == [None]
             hellos = [m for _, batch in take(router) for m in batch if isinstance(m, Hello)]
             assert hellos
-        finally:
-            link.close()
-            router.close(linger=0)
 
     asyncio.run(go())
 
@@ -151,48 +162,28 @@ def test_a_huge_turn_leaves_in_numbered_batches() -> None:
     """A replay of thousands of connections must not be one enormous ZeroMQ message: the
     broker could not interleave other workers while it works through it."""
     async def go() -> None:
-        endpoint = f"inproc://link-batches-{uuid.uuid4().hex}"
-        router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.bind(endpoint)
-        settings = Settings(apps=(APP,), heartbeat_interval=3600.0, heartbeat_timeout=7200.0)
-        link = BrokerLink(settings, endpoint, 0, lambda messages: None, lambda replay: None)
-        try:
+        async with linked() as (router, link):
             for i in range(2500):
                 link.send(Subscribe(0, "1", f"c{i}", "1.1", None, 0))
             link.flush()
             got = take(router)
             assert [seq for seq, _ in got] == [1, 2, 3]
             assert [len(batch) for _, batch in got] == [1024, 1024, 452]
-        finally:
-            link.close()
-            router.close(linger=0)
 
     asyncio.run(go())
 
 
 def test_a_worker_whose_prefix_is_taken_picks_another_and_says_hello_again() -> None:
     async def go() -> None:
-        endpoint = f"inproc://link-prefix-{uuid.uuid4().hex}"
-        router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.bind(endpoint)
-        settings = Settings(apps=(APP,), heartbeat_interval=3600.0, heartbeat_timeout=7200.0)
-        link = BrokerLink(settings, endpoint, 0, lambda messages: None, lambda replay: None)
-        try:
+        async with linked() as (router, link):
             link.start()
             identity, *_ = await asyncio.to_thread(router.recv_multipart)
             first = link.prefix
             router.send_multipart([identity, *numbered(1, Welcome(False, 77,
                                                                   "socket id prefix in use"))])
-            for _ in range(20):
-                link.drain()
-                await asyncio.sleep(0.01)
+            await settle(link)
             assert not link.welcomed and link.prefix != first
             hellos = [m for _, batch in take(router) for m in batch if isinstance(m, Hello)]
             assert hellos and hellos[-1].prefix == link.prefix
-        finally:
-            link.close()
-            router.close(linger=0)
 
     asyncio.run(go())
