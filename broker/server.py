@@ -30,6 +30,7 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Iterable
 from types import FrameType
 
 import zmq
@@ -209,7 +210,7 @@ class Broker:
 
     # --- sending --------------------------------------------------------------------
 
-    def send(self, out: Out) -> None:
+    def send(self, out: Iterable[tuple[bytes, envelope.Verb]]) -> None:
         """Queue messages per worker; :meth:`flush` sends each worker one batch."""
         outboxes = self.outboxes
         for identity, message in out:
@@ -234,7 +235,7 @@ class Broker:
             if full:
                 acks = [(i, Reply(r.rid, _UNDELIVERABLE) if r.body.get("ok") else r)
                         for i, r in acks]
-            self.send(acks)  # type: ignore[arg-type]
+            self.send(acks)
             self._send_boxes(self.outboxes)
             self.outboxes = {}
         self.resynced.clear()
@@ -430,9 +431,9 @@ class Broker:
 
     def _answer_later(self, out: Out) -> None:
         """Move the publish answer out of ``out`` into :attr:`acks` (see flush)."""
-        answer = out.pop()
-        assert type(answer[1]) is Reply
-        self.acks.append(answer)  # type: ignore[arg-type]
+        identity, answer = out.pop()
+        assert isinstance(answer, Reply)
+        self.acks.append((identity, answer))
 
     def read_control(self) -> None:
         data = os.read(self.control_fd, 65536)

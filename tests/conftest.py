@@ -7,11 +7,14 @@ fixture's server outlives the test, so the test cannot print the log itself).
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import uuid
+from collections.abc import Generator, Iterator
 
 import pytest
 
 from tests.servers import RUNNING
+from vask.broker.server import Broker
+from vask.config import App, Settings
 
 LOG_TAIL = 6000
 
@@ -28,3 +31,15 @@ def pytest_runtest_makereport(item: pytest.Item,
             report.sections.append(
                 (f"vask log, port {server.port} ({server.log_path}), last {LOG_TAIL} chars",
                  tail))
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    """A real broker loop on a private inproc endpoint, driven by calling ``turn()``;
+    heartbeats are far apart so only what a test sends happens."""
+    settings = Settings(apps=(App(id="1", key="k", secret="s"),), heartbeat_interval=3600.0,
+                        heartbeat_timeout=7200.0)
+    b = Broker(settings, f"inproc://broker-test-{uuid.uuid4().hex}")
+    b.bind()
+    yield b
+    b.router.close(linger=0)

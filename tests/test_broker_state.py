@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -389,15 +388,6 @@ def test_a_channel_query_survives_a_cached_payload_that_is_not_an_object() -> No
 
 FLOOD_BATCHES = 160
 FLOOD_BATCH = 250  # envelope messages per batch: 40,000 in all
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    settings = Settings(apps=(APP,), heartbeat_interval=3600.0, heartbeat_timeout=7200.0)
-    b = Broker(settings, f"inproc://broker-test-{uuid.uuid4().hex}")
-    b.bind()
-    yield b
-    b.router.close(linger=0)
 
 
 @pytest.fixture

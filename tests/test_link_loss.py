@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import zmq
 
 from vask import envelope
@@ -76,15 +75,6 @@ async def settle(link: BrokerLink) -> None:
     for _ in range(20):
         link.drain()
         await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    settings = Settings(apps=(APP,), heartbeat_interval=3600.0, heartbeat_timeout=7200.0)
-    b = Broker(settings, f"inproc://link-loss-{uuid.uuid4().hex}")
-    b.bind()
-    yield b
-    b.router.close(linger=0)
 
 
 def turns(broker: Broker, sock: zmq.Socket[bytes]) -> list[Verb]:

@@ -1,8 +1,8 @@
 """Connects the HTTP API (:mod:`vask.workers.http_api`) to a worker process.
 
-:class:`ApiAdapter` is the worker's :class:`~vask.workers.http_api.ApiContext`: publishes
-and other casts go straight to the broker link, queries become request/reply exchanges
-with a timeout, and the raw request pieces from the connection become an
+:class:`ApiAdapter` is the worker's :class:`~vask.workers.http_api.ApiContext`: publishes,
+terminations and queries become request/reply exchanges with the broker (with a
+timeout), and the raw request pieces from the connection become an
 :class:`~vask.workers.http_api.ApiRequest`.
 """
 

@@ -305,7 +305,8 @@ class HttpProtocol(Outbound):
         """Run one HTTP API call and write its answer in the same task step that gets
         the result (a done callback would wait one more loop turn, behind whatever
         fan-out that turn writes)."""
-        keep_alive = True
+        assert self.pipeline is not None
+        keep_alive = self.pipeline[0][1]  # the request being answered heads the pipeline
         try:
             data = await response()
         except Exception:
@@ -315,7 +316,7 @@ class HttpProtocol(Outbound):
         pipeline = self.pipeline
         if pipeline is None or self.transport is None:
             return
-        _, keep_alive = pipeline.popleft()
+        pipeline.popleft()
         self.write(data)
         if not keep_alive:
             self._finish()

@@ -8,9 +8,10 @@ what is left: publish, or ask the broker. The worker holds an accepted publish b
 while it is behind on deliveries (``ApiAdapter.handle``) between the two steps, so only
 an authenticated request can ever wait. :func:`handle_api` is both steps in one; neither
 raises for a client's mistake. Everything the API needs from the rest of the process comes
-through an :class:`ApiContext`: the settings, a fire-and-forget ``publish``/``send`` to
-the broker, a request/reply ``query`` to the broker and the clock. The rules themselves
-(signatures, body validation, ``info`` attributes) live in :mod:`vask.api_rules`.
+through an :class:`ApiContext`: the settings, ``publish``/``send`` to the broker (each
+answered once the broker has routed it), a request/reply ``query`` and the clock. The
+rules themselves (signatures, body validation, ``info`` attributes) live in
+:mod:`vask.api_rules`.
 
 Routes (``{app}`` is the app key or id; ``{channel}`` and ``{user}`` are
 percent-decoded, while the signature covers the raw path as received)::
@@ -27,7 +28,7 @@ percent-decoded, while the signature covers the raw path as received)::
 Checks run in this order: route (404, 405) → app (404) → signature (401) → app enabled
 (403) → body size and content (400, 413) → backend rate limit (429), all in
 :func:`accept_api`; then act, in :meth:`Accepted.run` (503 when the broker does not
-answer a query). Errors are ``{"error": message, "code": status}``.
+answer, or refuses a publish while it recovers). Errors are ``{"error": message, "code": status}``.
 
 Response bodies are JSON, except the empty body of a 204 CORS preflight; the worker adds
 ``Content-Type: application/json`` (:data:`CONTENT_TYPE`) and ``Content-Length``.
@@ -493,7 +494,7 @@ class Accepted:
 
     @property
     def publishes(self) -> bool:
-        """A POST: it casts to the broker, so the worker's back-pressure may hold it."""
+        """A POST: it publishes, so the worker's back-pressure may hold it."""
         return self.method == "POST"
 
     async def run(self) -> ApiResponse:

@@ -84,10 +84,6 @@ class Worker:
             conn.sweep(now)
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
-    def forget(self, conn: PusherConnection) -> None:
-        """A connection ended: drop it locally and tell the broker."""
-        self.sync.connection_ended(conn)
-
     # --- HTTP -----------------------------------------------------------------------
 
     def http_route(self, method: str, url: bytes, headers: list[tuple[bytes, bytes]],

@@ -86,7 +86,7 @@ class PusherConnection(Outbound):
         worker = self.worker
         worker.connections.discard(self)
         worker.admission.tcp_closed(self.peer)
-        worker.forget(self)
+        worker.sync.connection_ended(self)
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
@@ -239,7 +239,7 @@ class PusherConnection(Outbound):
         (RFC 6455 §5.5.1), so the connection leaves every channel now."""
         self.phase = CLOSING
         self.closing_since = self.worker.clock
-        self.worker.forget(self)
+        self.worker.sync.connection_ended(self)
 
     def abort(self) -> None:
         if self.transport is not None:
