@@ -56,6 +56,15 @@ class Webhook:
     url: str
     event_types: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: only events on channels whose name starts / ends with these ("" = any)
+    channel_name_starts_with: str = ""
+    channel_name_ends_with: str = ""
+
+    def wants(self, name: str, channel: str) -> bool:
+        """Whether this endpoint takes event ``name`` on ``channel`` (its filters)."""
+        return (name in self.event_types
+                and channel.startswith(self.channel_name_starts_with)
+                and channel.endswith(self.channel_name_ends_with))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,13 @@ class App:
     cache_ttl: float = 1800.0
     cors_origins: tuple[str, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
+    #: most events in one webhook request (1 = one event per request, like Pusher
+    #: without batching), and the longest a released event waits for more to join it
+    webhook_batch_max_events: int = 20
+    webhook_batch_max_wait: float = 0.05
+    #: member_removed and channel_vacated are held this long, and dropped together with
+    #: the matching member_added / channel_occupied if the user or channel comes back
+    webhook_leave_delay: float = 3.0
 
     @property
     def max_event_payload_bytes(self) -> int:
@@ -130,6 +146,16 @@ class Settings:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
     shutdown_grace: float = 3.0
+    #: where durable state lives (the webhook queue); "" = $XDG_STATE_HOME/vask or
+    #: ~/.local/state/vask
+    data_dir: str = ""
+    webhook_timeout: float = 5.0
+    #: requests in flight at once per webhook endpoint
+    webhook_concurrency: int = 8
+    #: how long a failing webhook is retried before it is given up
+    webhook_retry_window: float = 300.0
+    #: webhook events and requests kept in the queue at most (see docs/webhooks.md)
+    webhook_max_queued: int = 100_000
     apps: tuple[App, ...] = ()
     default_app: bool = False  # True when ``apps`` came from the built-in default
     config_file: str = ""
@@ -165,8 +191,15 @@ _SERVER_KEYS = {
     "heartbeat_interval": float,
     "heartbeat_timeout": float,
     "shutdown_grace": float,
+    "data_dir": str,
+    "webhook_timeout": float,
+    "webhook_concurrency": int,
+    "webhook_retry_window": float,
+    "webhook_max_queued": int,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
+#: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
+_RESERVED_HEADERS = frozenset(("content-type", "content-length", "host", "user-agent"))
 
 
 def _coerce(where: str, value: Any, kind: type) -> Any:
@@ -203,7 +236,7 @@ _SCALARS = {"str": str, "int": int, "bool": bool, "float": float}
 def _parse_webhook(where: str, raw: Any) -> Webhook:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table with at least 'url'")
-    unknown = set(raw) - {"url", "event_types", "headers"}
+    unknown = set(raw) - {"url", "event_types", "headers", "filter"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
     url = raw.get("url")
@@ -227,7 +260,19 @@ def _parse_webhook(where: str, raw: Any) -> Webhook:
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
         ):
             raise ConfigError(f"{where}.headers: expected a table of string values")
+        reserved = [k for k in headers
+                    if k.lower() in _RESERVED_HEADERS or k.lower().startswith("x-pusher-")]
+        if reserved:
+            raise ConfigError(f"{where}.headers: {reserved[0]!r} is set by Vask itself")
         kwargs["headers"] = dict(headers)
+    if "filter" in raw:
+        filt = raw["filter"]
+        names = ("channel_name_starts_with", "channel_name_ends_with")
+        if not isinstance(filt, dict) or set(filt) - set(names) or not all(
+                isinstance(v, str) for v in filt.values()):
+            raise ConfigError(f"{where}.filter: expected a table with string keys "
+                              f"{names[0]} and/or {names[1]}")
+        kwargs.update(filt)
     return Webhook(**kwargs)
 
 
@@ -276,6 +321,7 @@ def _check_app(where: str, app: App) -> None:
         "max_event_name_length",
         "max_event_batch_size",
         "max_watchlist_size",
+        "webhook_batch_max_events",
     )
     for name in positive:
         if getattr(app, name) < 1:
@@ -284,6 +330,9 @@ def _check_app(where: str, app: App) -> None:
                  "user_authentication_timeout"):
         if getattr(app, name) <= 0:
             raise ConfigError(f"{where}.{name}: must be greater than 0")
+    for name in ("webhook_batch_max_wait", "webhook_leave_delay"):
+        if not 0 <= getattr(app, name) <= 60:
+            raise ConfigError(f"{where}.{name}: must be between 0 and 60 seconds")
     for name in ("max_connections", "max_backend_events_per_second",
                  "max_channels_per_connection", "max_subscriptions_per_second"):
         if getattr(app, name) < 0:
@@ -302,7 +351,8 @@ def _check_settings(settings: Settings) -> None:
     if settings.activity_timeout < 1:
         raise ConfigError("server.activity_timeout: must be at least 1 second")
     for name in ("pong_timeout", "broker_timeout", "heartbeat_interval", "heartbeat_timeout",
-                 "shutdown_grace", "http_request_timeout", "keep_alive_timeout"):
+                 "shutdown_grace", "http_request_timeout", "keep_alive_timeout",
+                 "webhook_timeout", "webhook_retry_window"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"server.{name}: must be greater than 0")
     if settings.heartbeat_timeout <= settings.heartbeat_interval:
@@ -317,6 +367,9 @@ def _check_settings(settings: Settings) -> None:
                           "below write_buffer_limit")
     if settings.max_url_bytes > settings.max_request_head_bytes:
         raise ConfigError("server.max_url_bytes: must not exceed max_request_head_bytes")
+    for name in ("webhook_concurrency", "webhook_max_queued"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"server.{name}: must be at least 1")
     for name in ("max_connections_per_worker", "max_connections_per_ip"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"server.{name}: must be 0 (automatic/unlimited) or more")
@@ -407,6 +460,20 @@ def load_settings(
     return settings
 
 
+def data_dir(settings: Settings, env: Mapping[str, str] | None = None) -> Path:
+    """The directory for durable state (created by whoever writes there)."""
+    if settings.data_dir:
+        return Path(settings.data_dir).expanduser()
+    env = os.environ if env is None else env
+    state_home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "vask"
+
+
+def wants_webhooks(settings: Settings) -> bool:
+    """Whether any app has a webhook endpoint (and so a webhook sender is needed)."""
+    return any(app.webhooks for app in settings.apps)
+
+
 def warnings_for(settings: Settings) -> list[str]:
     """Things that are valid but probably not what the operator wants."""
     out = []
@@ -433,7 +500,7 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
     for raw in values.pop("apps"):
         raw = dict(raw)
         raw["webhooks"] = tuple(
-            Webhook(url=w["url"], event_types=tuple(w["event_types"]), headers=dict(w["headers"]))
+            Webhook(**{**w, "event_types": tuple(w["event_types"]), "headers": dict(w["headers"])})
             for w in raw.get("webhooks", ())
         )
         raw["cors_origins"] = tuple(raw.get("cors_origins", ()))
