@@ -1,0 +1,1 @@
+"""The webhook sender: its own process, fed by the broker (docs/webhooks.md)."""
