@@ -30,13 +30,14 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 import zmq
 
 from vask import envelope
 from vask.broker.state import ClusterState, Out
+from vask.broker.webhook_link import WebhookLink
 from vask.config import Settings
 from vask.envelope import (
     Bye,
@@ -143,7 +144,8 @@ def _peer(identity: bytes) -> str:
 class Broker:
     """Owns the ROUTER socket and the cluster state."""
 
-    def __init__(self, settings: Settings, endpoint: str, control_fd: int = -1) -> None:
+    def __init__(self, settings: Settings, endpoint: str, control_fd: int = -1,
+                 webhook_endpoint: str = "") -> None:
         self.settings = settings
         self.control_fd = control_fd
         self.control_buffer = b""
@@ -170,6 +172,13 @@ class Broker:
         self.poller.register(self.router, zmq.POLLIN)
         if control_fd >= 0:
             self.poller.register(control_fd, zmq.POLLIN)
+        #: the hand-over to the webhook sender (None: no app has webhooks)
+        self.webhooks: WebhookLink | None = None
+        if webhook_endpoint:
+            self.webhooks = WebhookLink(self.context, webhook_endpoint, self.epoch,
+                                        settings.webhook_max_queued)
+            self.poller.register(self.webhooks.socket, zmq.POLLIN)
+        self.every_beat: Callable[[], None] | None = None
         self.running = True
         self.outboxes: dict[bytes, list[list[bytes]]] = {}
         #: answers to HTTP API publishes: sent after every delivery of the same flush,
@@ -204,6 +213,17 @@ class Broker:
 
     def bind(self) -> None:
         self.router.bind(self.endpoint)
+        if self.webhooks is not None:
+            self.webhooks.bind()
+
+    @property
+    def webhook_stats(self) -> dict[str, int]:
+        """The webhook sender's last reported counters, plus the events this broker
+        dropped because the sender did not keep up (see docs/webhooks.md)."""
+        if self.webhooks is None:
+            return {}
+        return {**self.webhooks.stats, "broker_dropped": self.webhooks.dropped,
+                "broker_waiting": self.webhooks.waiting}
 
     def stop(self, *_: object) -> None:
         self.running = False
@@ -463,6 +483,8 @@ class Broker:
             self.error_log.tick(now)
             self.send_log.tick(now)
         if now >= self.next_beat:
+            if self.every_beat is not None:
+                self.every_beat()
             late = now - self.next_beat > interval
             self.next_beat = now + interval
             beat = Heartbeat(self.epoch)
@@ -476,8 +498,9 @@ class Broker:
                 log.warning("worker %s stopped heartbeating; purging it", _peer(identity))
                 self.send(state.purge(identity))
         if state.webhooks:
-            # Webhook delivery is not built yet (its own issue); keep memory bounded.
-            state.webhooks.clear()
+            if self.webhooks is not None:
+                self.webhooks.add(state.webhooks, now)
+            state.webhooks = []
 
     def turn(self) -> None:
         """One loop turn: wait for input (not at all while work is pending), read a
@@ -490,8 +513,12 @@ class Broker:
             timeout = max(0, min(POLL_MS, int(due * 1000) + 1))
         events = dict(self.poller.poll(timeout=timeout))
         now = time.monotonic()
+        self.state.wall_ms = time.time_ns() // 1_000_000
         if self.control_fd >= 0 and self.control_fd in events:
             self.read_control()
+        hooks = self.webhooks
+        if hooks is not None and hooks.socket in events:
+            hooks.read(now)
         self.backlog = self.read(now)
         # The share's deadline starts after reading: copying a few hundred large
         # batches out of ZeroMQ can itself take tens of milliseconds.
@@ -503,22 +530,48 @@ class Broker:
             self.error_log(now, "error in the broker's timers", exc_info=True)
         if self.outboxes:
             self.flush()
+        if hooks is not None:
+            hooks.flush(now)
 
     def run(self) -> None:
         self.next_flush = self.next_beat = time.monotonic()
         while self.running:
             self.turn()
         self.router.close(linger=0)
+        if self.webhooks is not None:
+            self._hand_over_webhooks()
+
+    def _hand_over_webhooks(self, limit: float = 2.0) -> None:
+        """On the way out: give the sender what it has not acknowledged yet (the
+        leaves of the workers that just closed their clients, for example), waiting at
+        most ``limit`` seconds for its acknowledgement."""
+        hooks = self.webhooks
+        assert hooks is not None
+        deadline = time.monotonic() + limit
+        hooks.flush(time.monotonic())
+        while hooks.unacked and hooks.peer is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("stopping with %d webhook events the sender has not "
+                            "acknowledged; they are lost", len(hooks.unacked))
+                break
+            if hooks.socket.poll(int(left * 1000) + 1):
+                hooks.read(time.monotonic())
+        hooks.close()
 
 
 def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
-          control_fd: int = -1) -> None:
+          control_fd: int = -1, webhook_endpoint: str = "",
+          every_beat: Callable[[], None] | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT (or until ``parent_pid`` disappears).
 
     ``control_fd`` is the read end of the supervisor's pipe: one dead worker's
     identity per line, purged at once instead of after the heartbeat timeout.
+    ``every_beat`` runs once per heartbeat interval (a standalone broker keeps its
+    webhook sender alive with it).
     """
-    broker = Broker(settings, endpoint, control_fd)
+    broker = Broker(settings, endpoint, control_fd, webhook_endpoint)
+    broker.every_beat = every_beat
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         broker.stop()

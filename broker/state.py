@@ -145,8 +145,17 @@ class ClusterState:
         self.cache_expiry: list[tuple[float, tuple[str, str]]] = []
         self.connections: dict[str, int] = defaultdict(int)
         self.count_dirty: set[tuple[str, str]] = set()
-        #: (app_id, event object) pairs for the webhook sender
-        self.webhooks: list[tuple[str, dict[str, Any]]] = []
+        #: (app_id, time_ms, event object) for the webhook sender, taken by the loop
+        self.webhooks: list[tuple[str, int, dict[str, Any]]] = []
+        #: wall-clock milliseconds of the message being handled (webhook ``time_ms``)
+        self.wall_ms = 0
+        #: per app, the webhook event names at least one of its endpoints wants
+        self.hook_events: dict[str, frozenset[str]] = {
+            app.id: frozenset(name for hook in app.webhooks for name in hook.event_types)
+            for app in settings.apps}
+        #: cache channels that produced a cache_miss webhook since they were last
+        #: written or vacated: one webhook per empty channel, not one per subscriber
+        self.cache_missed: set[tuple[str, str]] = set()
 
     # --- workers ------------------------------------------------------------------
 
@@ -348,7 +357,8 @@ class ClusterState:
             if entry is not None and entry.expires <= self.now:
                 entry = None  # expired, not yet swept
             body["cache"] = entry.payload.decode() if entry is not None else None
-            if entry is None:
+            if entry is None and key not in self.cache_missed:
+                self.cache_missed.add(key)
                 self._webhook(msg.app, {"name": "cache_miss", "channel": msg.channel})
         return body
 
@@ -368,7 +378,7 @@ class ClusterState:
         info.channels[key[1]] = user_id
         state.per_worker[identity] = state.per_worker.get(identity, 0) + 1
         state.count += 1
-        if state.count == 1 and not key[1].startswith("#"):
+        if state.count == 1 and not key[1].startswith("#") and not self._quiet(identity):
             self._webhook(key[0], {"name": "channel_occupied", "channel": key[1]})
         self._count_changed(key)
         return state
@@ -409,7 +419,8 @@ class ClusterState:
         if state.count <= 0:
             del self.channels[key]
             self.count_dirty.discard(key)
-            if not channel.startswith("#"):
+            self.cache_missed.discard(key)
+            if not channel.startswith("#") and not self._quiet(worker):
                 self._webhook(app_id, {"name": "channel_vacated", "channel": channel})
         else:
             self._count_changed(key)
@@ -501,8 +512,11 @@ class ClusterState:
         refuse it unrouted while recovering (half the routes may be missing)."""
         if msg.rid and self.recovering:
             return [(identity, Reply(msg.rid, _RECOVERING))]
+        if msg.local_first and "client_event" in self.hook_events.get(msg.app, ()):
+            self._client_event_webhook(msg)
         if msg.cache_ttl > 0:
             key = (msg.app, msg.channel)
+            self.cache_missed.discard(key)
             expires = now + msg.cache_ttl
             self.cache[key] = CacheEntry(msg.payload, expires)
             expiry = self.cache_expiry
@@ -577,9 +591,29 @@ class ClusterState:
     # --- webhooks -----------------------------------------------------------------
 
     def _webhook(self, app_id: str, event: dict[str, Any]) -> None:
-        app = self.apps.get(app_id)
-        if app is not None and app.webhooks:
-            self.webhooks.append((app_id, event))
+        """Queue ``event`` for the webhook sender if an endpoint of the app wants it
+        (each endpoint's channel filters are applied by the sender)."""
+        wanted = self.hook_events.get(app_id)
+        if wanted and event["name"] in wanted:
+            self.webhooks.append((app_id, self.wall_ms, event))
+
+    def _client_event_webhook(self, msg: Publish) -> None:
+        """The ``client_event`` webhook of a client event: its frame (built by the
+        worker, so well-formed) holds the event, data and, on presence channels, the
+        sender's user id; ``exclude`` is the sender's socket id."""
+        try:
+            frame = orjson.loads(msg.payload)
+            data = frame.get("data")
+            event: dict[str, Any] = {
+                "name": "client_event", "channel": msg.channel, "event": frame["event"],
+                "data": data if isinstance(data, str) else orjson.dumps(data).decode(),
+                "socket_id": msg.exclude}
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return  # not a frame a worker builds; the publish itself still goes out
+        user_id = frame.get("user_id")
+        if isinstance(user_id, str):
+            event["user_id"] = user_id
+        self._webhook(msg.app, event)
 
     # --- queries (HTTP API) -------------------------------------------------------
 

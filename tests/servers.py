@@ -148,9 +148,11 @@ def wait_ready(port: int, deadline: float, process: subprocess.Popen[bytes] | No
 
 def vask_env(scratch: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a ``vask`` subprocess: ours without any VASK_ setting, plus
-    ``env``, with TMPDIR in ``scratch`` (the supervisor's runtime folder goes there)."""
+    ``env``, with TMPDIR in ``scratch`` (the supervisor's runtime folder goes there) and
+    the data directory (the webhook queue) there too, unless ``env`` names another."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VASK_")}
     full_env["TMPDIR"] = str(scratch)
+    full_env["VASK_DATA_DIR"] = str(scratch / "data")
     full_env.update(env or {})
     return full_env
 

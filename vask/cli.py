@@ -11,7 +11,7 @@ import click
 
 from vask import __version__
 from vask.bench.cli import bench
-from vask.config import ConfigError, Settings, load_settings, warnings_for
+from vask.config import ConfigError, Settings, load_settings, wants_webhooks, warnings_for
 from vask.logs import setup_logging
 from vask.process import set_process_name
 
@@ -101,8 +101,17 @@ def broker_command(endpoint: str, config: str | None, log_level: str | None) -> 
     setup_logging(settings.log_level, "broker")
     set_process_name("vask-broker")
     from vask.broker.server import serve
+    from vask.supervisor import SenderKeeper, webhook_store
 
-    serve(settings, endpoint)
+    if not wants_webhooks(settings):
+        serve(settings, endpoint)
+        return
+    # The broker's webhook sender runs beside it, on this host, with its own queue.
+    keeper = SenderKeeper(settings, webhook_store(settings, f"webhooks-broker-{endpoint}"))
+    try:
+        serve(settings, endpoint, webhook_endpoint=keeper.endpoint, every_beat=keeper.check)
+    finally:
+        keeper.stop()
 
 
 main.add_command(bench)

@@ -13,6 +13,9 @@
 * When a worker dies the supervisor tells the broker at once (a control pipe), so its
   connections' presence members and channels are cleaned up without waiting for the
   heartbeat timeout.
+* When an app has webhooks, a third kind of child, the webhook sender, is started (and
+  restarted) beside the broker; it is stopped last, after the broker has handed over
+  the events of the workers' final disconnections (docs/webhooks.md).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
-from vask.config import Settings
+from vask.config import Settings, data_dir, wants_webhooks
 from vask.logs import setup_logging
 from vask.process import STARTUP_FAILURE, set_process_name
 
@@ -86,6 +90,8 @@ class Child:
 
     @property
     def label(self) -> str:
+        if self.role == "webhooks":
+            return "webhook sender"
         return self.role if self.role == "broker" else f"worker {self.slot}"
 
 
@@ -97,6 +103,10 @@ class Supervisor:
         self.runtime_dir = tempfile.mkdtemp(prefix="vask-")
         self.endpoint = settings.broker or f"ipc://{self.runtime_dir}/broker.sock"
         self.own_broker = not settings.broker  # else workers join an external broker
+        #: the broker's link to the webhook sender ("" = no sender: no app has webhooks,
+        #: or the broker is external and runs its own sender)
+        self.webhook_endpoint = f"ipc://{self.runtime_dir}/webhooks.sock" \
+            if self.own_broker and wants_webhooks(settings) else ""
         self.shards: list[socket.socket] = []
         self.children: list[Child] = []
         self.wake_r, self.wake_w = os.pipe()
@@ -119,6 +129,8 @@ class Supervisor:
         signal.set_wakeup_fd(self.wake_w)
         if self.own_broker:
             self.children.append(Child("broker", -1))
+        if self.webhook_endpoint:
+            self.children.append(Child("webhooks", -2))
         self.children += [Child("worker", i) for i in range(s.workers)]
         # Children share the supervisor's heap copy-on-write; keep the collector from
         # touching (and so un-sharing) those pages in every child.
@@ -138,8 +150,14 @@ class Supervisor:
         settings, endpoint, parent = self.settings, self.endpoint, self.pid
         if child.role == "broker":
             process = _fork.Process(
-                target=_broker_main, args=(settings, endpoint, parent, self.control_r),
+                target=_broker_main,
+                args=(settings, endpoint, parent, self.control_r, self.webhook_endpoint),
                 name="vask-broker", daemon=False)
+        elif child.role == "webhooks":
+            store = webhook_store(settings, f"webhooks-{self.port}")
+            process = _fork.Process(
+                target=_sender_main, args=(settings, self.webhook_endpoint, store, parent),
+                name="vask-webhooks", daemon=False)
         else:
             fd = self.shards[child.slot].fileno()
             process = _fork.Process(
@@ -218,16 +236,61 @@ class Supervisor:
     # --- stopping -------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Workers first (they close clients with 4200), then the broker; nothing left."""
-        workers = [c.process for c in self.children if c.role == "worker" and c.process]
-        brokers = [c.process for c in self.children if c.role == "broker" and c.process]
+        """Workers first (they close clients with 4200), then the broker (it hands the
+        webhook events of those disconnections to the sender), then the sender."""
+        def processes(role: str) -> list[BaseProcess]:
+            return [c.process for c in self.children if c.role == role and c.process]
+
         grace = self.settings.shutdown_grace + 2.0
-        _terminate(workers, grace)
-        _terminate(brokers, 3.0)
+        _terminate(processes("worker"), grace)
+        _terminate(processes("broker"), 5.0)
+        _terminate(processes("webhooks"), 5.0)
         for sock in self.shards:
             sock.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         signal.set_wakeup_fd(-1)
+
+
+class SenderKeeper:
+    """The webhook sender of a standalone broker (``vask broker``): started beside it,
+    restarted with back-off when it dies (:meth:`check`, from the broker's timers),
+    stopped after it (:meth:`stop`)."""
+
+    def __init__(self, settings: Settings, store: Path) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime_dir = tempfile.mkdtemp(prefix="vask-broker-")
+        self.endpoint = f"ipc://{self.runtime_dir}/webhooks.sock"
+        self.child = Child("webhooks", -2)
+
+    def check(self) -> None:
+        child, now = self.child, time.monotonic()
+        process = child.process
+        if process is not None:
+            if process.is_alive():
+                if now - child.started > EARLY_DEATH:
+                    child.early_deaths = 0
+                return
+            process.join(0)
+            child.process = None
+            if now - child.started < EARLY_DEATH:
+                child.early_deaths += 1
+            delay = min(MAX_BACKOFF, 0.1 * (2 ** child.early_deaths))
+            log.warning("webhook sender (pid %s) exited with status %s; restarting in %.1fs",
+                        process.pid, process.exitcode, delay)
+            child.restart_at = now + delay
+        if now >= child.restart_at:
+            process = _fork.Process(
+                target=_sender_main,
+                args=(self.settings, self.endpoint, self.store, os.getpid()),
+                name="vask-webhooks", daemon=False)
+            process.start()
+            child.process, child.started = process, now
+
+    def stop(self) -> None:
+        if self.child.process is not None:
+            _terminate([self.child.process], 5.0)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 def _terminate(processes: list[BaseProcess], grace: float) -> None:
@@ -253,14 +316,34 @@ def _child_setup(role: str, settings: Settings) -> None:
     setup_logging(settings.log_level, role)
 
 
-def _broker_main(settings: Settings, endpoint: str, parent: int, control_fd: int) -> None:
+def webhook_store(settings: Settings, name: str) -> Path:
+    """The webhook sender's durable queue: one file per server (``name`` tells which),
+    so two servers on one host never share, and a restarted one finds its own."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    return data_dir(settings) / f"{safe}.sqlite3"
+
+
+def _broker_main(settings: Settings, endpoint: str, parent: int, control_fd: int,
+                 webhook_endpoint: str) -> None:
     _child_setup("broker", settings)
     from vask.broker.server import serve
 
     try:
-        serve(settings, endpoint, parent_pid=parent, control_fd=control_fd)
+        serve(settings, endpoint, parent_pid=parent, control_fd=control_fd,
+              webhook_endpoint=webhook_endpoint)
     except Exception:
         log.exception("the broker failed")
+        sys.exit(1)
+
+
+def _sender_main(settings: Settings, endpoint: str, store: Path, parent: int) -> None:
+    _child_setup("webhooks", settings)
+    from vask.webhooks.sender import run_sender
+
+    try:
+        run_sender(settings, endpoint, store, parent_pid=parent)
+    except Exception:
+        log.exception("the webhook sender failed")
         sys.exit(1)
 
 
