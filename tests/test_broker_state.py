@@ -69,7 +69,7 @@ def delivered(out: list[Any]) -> list[tuple[bytes, str, str, dict[str, Any]]]:
 
 
 def hooks(state: ClusterState) -> list[dict[str, Any]]:
-    events = [e for _, e in state.webhooks]
+    events = [e for _, _, e in state.webhooks]
     state.webhooks.clear()
     return events
 
