@@ -164,14 +164,15 @@ def scratch_dir() -> Path:
 
 
 def _start(scratch: Path, workers: int, config: str | None, env: dict[str, str] | None,
-           startup_timeout: float, extra_args: tuple[str, ...]) -> Server:
+           startup_timeout: float, extra_args: tuple[str, ...],
+           fixed_port: int | None = None) -> Server:
     config_args: list[str] = []
     if config is not None:
         path = scratch / "vask.toml"
         path.write_text(config)
         config_args = ["--config", str(path)]
     for attempt in range(1, PORT_ATTEMPTS + 1):
-        port = free_port()
+        port = fixed_port or free_port()
         log_path = scratch / f"vask-{port}.log"
         args = [sys.executable, "-m", "vask.cli", "run", "--host", "127.0.0.1",
                 "--port", str(port), "--workers", str(workers), *config_args, *extra_args]
@@ -186,7 +187,8 @@ def _start(scratch: Path, workers: int, config: str | None, env: dict[str, str] 
         except BaseException:
             server.stop()
             # the port was free when chosen, but something took it since: another one
-            if attempt < PORT_ATTEMPTS and "Address already in use" in server.log():
+            if attempt < PORT_ATTEMPTS and fixed_port is None \
+                    and "Address already in use" in server.log():
                 continue
             sys.stderr.write(f"--- vask log ({log_path}) ---\n{server.log()}\n")
             raise
@@ -195,8 +197,10 @@ def _start(scratch: Path, workers: int, config: str | None, env: dict[str, str] 
 
 @contextlib.contextmanager
 def run_vask(workers: int = 2, config: str | None = None, env: dict[str, str] | None = None,
-             startup_timeout: float = 30.0, extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
-    """Context manager: a running ``vask run --workers N`` on a free port.
+             startup_timeout: float = 30.0, extra_args: tuple[str, ...] = (),
+             port: int | None = None) -> Iterator[Server]:
+    """Context manager: a running ``vask run --workers N`` on a free port (or on
+    ``port``: a test that restarts a server on the port it had).
 
     Its files (log, config, runtime folder) are deleted afterwards, unless the block
     raised or a test failed meanwhile: then the log is printed and the files are kept.
@@ -204,7 +208,7 @@ def run_vask(workers: int = 2, config: str | None = None, env: dict[str, str] | 
     scratch = scratch_dir()
     keep = True
     try:
-        server = _start(scratch, workers, config, env, startup_timeout, extra_args)
+        server = _start(scratch, workers, config, env, startup_timeout, extra_args, port)
         RUNNING.append(server)
         try:
             yield server

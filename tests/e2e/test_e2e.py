@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import APP_ID, APP_KEY, APP_SECRET, Server, in_ci, run_vask
+from tests.servers import APP_ID, APP_KEY, APP_SECRET, Server, free_port, in_ci, run_vask
 
 HERE = Path(__file__).resolve().parent
 NODE = shutil.which("node")
@@ -275,4 +275,49 @@ def test_cache_channel_replay_and_miss() -> None:
         assert len(empty) == 3 and all(
             seq == ["pusher:subscription_succeeded", "pusher:cache_miss"] for seq in empty.values()
         ), explain(result)
+        assert_clean(result)
+
+
+def test_webhooks_checked_by_the_node_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kind of webhook but subscription_count, caused by pusher-js clients on three
+    workers, received by a Node server that checks each request with the Node SDK's
+    ``webhook(...).isValid()``: each event exactly once, with Pusher's fields."""
+    port = free_port()
+    monkeypatch.setenv("E2E_WEBHOOK_PORT", str(port))
+    monkeypatch.setenv("E2E_LEAVE_DELAY_MS", "1000")
+    config = (
+        f'[[apps]]\nid = "{APP_ID}"\nkey = "{APP_KEY}"\nsecret = "{APP_SECRET}"\n'
+        "enable_client_messages = true\nwebhook_leave_delay = 1.0\n"
+        f'[[apps.webhooks]]\nurl = "http://127.0.0.1:{port}/hooks"\n'
+    )
+    with run_vask(workers=3, config=config) as server:
+        result = scenario(server, "webhooks.mjs")
+        seen = result["observed"]
+        assert_on_every_worker(result, server)
+        assert seen.get("invalid") == 0, explain(result)
+        names = seen.get("channels") or {}
+        sockets = seen.get("sockets") or {}
+        events = seen.get("events") or []
+
+        def of(name: str, channel: str) -> list[dict[str, Any]]:
+            return [e for e in events if e["name"] == name and e["channel"] == names[channel]]
+
+        for channel in ("pub", "room", "priv", "cache"):
+            assert len(of("channel_occupied", channel)) == 1, explain(result)
+        # u1 joined with two tabs on two workers: one member_added; u2 once
+        assert sorted(e["user_id"] for e in of("member_added", "room")) == ["u1", "u2"], \
+            explain(result)
+        assert of("member_removed", "room") == [
+            {"name": "member_removed", "channel": names["room"], "user_id": "u2"}], \
+            explain(result)
+        assert seen.get("removed_after_ms", 0) >= 900, explain(result)  # the leave delay
+        assert len(of("cache_miss", "cache")) == 1, explain(result)
+        assert of("client_event", "priv") == [{
+            "name": "client_event", "channel": names["priv"], "event": "client-ping",
+            "data": '{"n":1}', "socket_id": sockets["A"]}], explain(result)
+        assert of("client_event", "room") == [{
+            "name": "client_event", "channel": names["room"], "event": "client-wave",
+            "data": "hi", "socket_id": sockets["C"], "user_id": "u2"}], explain(result)
+        # C's departure vacated its pub/priv/cache seats but A is still in each
+        assert not [e for e in events if e["name"] == "channel_vacated"], explain(result)
         assert_clean(result)
