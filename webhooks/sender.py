@@ -142,6 +142,7 @@ class Sender:
             endpoint.queue.formed(Request(row_id, channels, body, formed_ms, events,
                                           attempts))
         gone: list[int] = []
+        now = self.loop.time()
         for row_id, app_id, url, channel, raw in store.outgoing():
             endpoint = self.endpoints.get((app_id, url))
             if endpoint is None:
@@ -149,7 +150,7 @@ class Sender:
                                 "%s of app %s: no such endpoint any more", url, app_id)
                 gone.append(row_id)
                 continue
-            endpoint.queue.push(Outgoing(row_id, channel, raw))
+            endpoint.queue.push(Outgoing(row_id, channel, raw, now))
         store.delete_outgoing(gone)
         gone = []
         for row_id, app_id, time_ms, raw in store.events():
@@ -416,16 +417,23 @@ def run_sender(settings: Settings, endpoint: str, store_path: Path,
 
     if parent_pid:
         die_with_parent(parent_pid)
-    uvloop.run(_serve(settings, endpoint, store_path))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(settings, endpoint, store_path, stop)
+
+    uvloop.run(main())
 
 
-async def _serve(settings: Settings, endpoint: str, store_path: Path) -> None:
+async def serve(settings: Settings, endpoint: str, store_path: Path,
+                stop: asyncio.Event) -> None:
+    """Run the sender on the current loop until ``stop`` is set, then stop taking
+    events, give requests in flight :data:`STOP_GRACE` seconds and close the store."""
     from .link import BrokerLink
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     store = Store(store_path)
     link: BrokerLink | None = None
     try:
