@@ -337,6 +337,12 @@ def _broker_main(settings: Settings, endpoint: str, parent: int, control_fd: int
 
 
 def _sender_main(settings: Settings, endpoint: str, store: Path, parent: int) -> None:
+    # Its own process group: a SIGINT/SIGTERM sent to the whole group (Ctrl-C, a
+    # container runtime) must not stop the sender while the broker is still handing it
+    # the last events. The supervisor stops it last, by pid; if the supervisor dies,
+    # PR_SET_PDEATHSIG still stops it.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     _child_setup("webhooks", settings)
     from vask.webhooks.sender import run_sender
 
