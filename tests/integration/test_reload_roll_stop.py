@@ -227,7 +227,7 @@ class Load:
             try:
                 ws = await websockets.connect(target, open_timeout=30, close_timeout=2)
                 established = json.loads(await asyncio.wait_for(ws.recv(), 30))
-            except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as exc:
+            except (TimeoutError, OSError, websockets.WebSocketException) as exc:
                 self.failures.append((i, repr(exc)))
                 await asyncio.sleep(0.05)
                 continue
