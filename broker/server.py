@@ -18,6 +18,10 @@ counted (:attr:`Broker.dropped_bad`). An unexpected exception while handling one
 is logged and counted (:attr:`Broker.handler_errors`) instead of ending the loop. Both are
 logged at most once per :data:`LOG_INTERVAL`, so a flood of bad input cannot flood the log.
 
+SIGHUP makes the broker take the settings the supervisor wrote after a reload
+(:meth:`Broker.reload_from_file`, between two loop turns): the apps (subscription
+counts, webhooks) and the timers' settings.
+
 Every timer runs on ``time.monotonic()``. Wall-clock time is used only for the broker's
 epoch, which is an identity (a restarted broker must get a different one, and it has to
 be comparable across hosts), not a duration.
@@ -56,6 +60,7 @@ from vask.envelope import (
     Unsubscribe,
 )
 from vask.process import die_with_parent
+from vask.reload import read_settings_file
 
 log = logging.getLogger("vask.broker")
 
@@ -210,6 +215,10 @@ class Broker:
         self.bad_log = RateLimitedLog(logging.WARNING, "bad messages dropped")
         self.error_log = RateLimitedLog(logging.ERROR, "messages failed")
         self.send_log = RateLimitedLog(logging.WARNING, "batches to workers dropped")
+        #: the file the supervisor writes reloaded settings to ("" = none), and whether
+        #: a SIGHUP asked to read it
+        self.settings_path = ""
+        self.reload_asked = False
 
     def bind(self) -> None:
         self.router.bind(self.endpoint)
@@ -227,6 +236,27 @@ class Broker:
 
     def stop(self, *_: object) -> None:
         self.running = False
+
+    def reload_from_file(self) -> None:
+        """Take the settings the supervisor wrote after a reload, if they differ."""
+        self.reload_asked = False
+        if not self.settings_path:
+            log.warning("SIGHUP: a standalone broker does not reload its configuration; "
+                        "restart it to apply a new one")
+            return
+        try:
+            new = read_settings_file(self.settings_path)
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("cannot read the reloaded settings: %s", exc)
+            return
+        if new is None or new == self.settings:
+            return
+        self.settings = new
+        # Connections of removed apps stay in the state until their workers close them
+        # (they do, on the same reload); lookups of a missing app find nothing.
+        self.state.apps = {app.id: app for app in new.apps}
+        logging.getLogger().setLevel(new.log_level.upper())
+        log.info("configuration reloaded (%d apps)", len(new.apps))
 
     # --- sending --------------------------------------------------------------------
 
@@ -536,6 +566,8 @@ class Broker:
     def run(self) -> None:
         self.next_flush = self.next_beat = time.monotonic()
         while self.running:
+            if self.reload_asked:
+                self.reload_from_file()
             self.turn()
         self.router.close(linger=0)
         if self.webhooks is not None:
@@ -562,7 +594,8 @@ class Broker:
 
 def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
           control_fd: int = -1, webhook_endpoint: str = "",
-          every_beat: Callable[[], None] | None = None) -> None:
+          every_beat: Callable[[], None] | None = None,
+          settings_path: str = "") -> None:
     """Run a broker until SIGTERM/SIGINT (or until ``parent_pid`` disappears).
 
     ``control_fd`` is the read end of the supervisor's pipe: one dead worker's
@@ -572,12 +605,19 @@ def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
     """
     broker = Broker(settings, endpoint, control_fd, webhook_endpoint)
     broker.every_beat = every_beat
+    broker.settings_path = settings_path
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         broker.stop()
 
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        broker.reload_asked = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
+    if settings_path:  # a reload between the fork and now sent its SIGHUP in vain
+        broker.reload_from_file()
     broker.bind()
     log.info("broker listening on %s (pid %d)", endpoint, os.getpid())
     if parent_pid:

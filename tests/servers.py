@@ -166,6 +166,12 @@ def scratch_dir() -> Path:
 def _start(scratch: Path, workers: int, config: str | None, env: dict[str, str] | None,
            startup_timeout: float, extra_args: tuple[str, ...],
            fixed_port: int | None = None) -> Server:
+    env = dict(env or {})
+    if "stop_ready_delay" not in (config or "") and "VASK_STOP_READY_DELAY" not in env:
+        # The default (2 s of /ready answering 503 before the listeners close) is for
+        # load balancers; a test that does not look at it should not wait for it at
+        # every teardown.
+        env["VASK_STOP_READY_DELAY"] = "0"
     config_args: list[str] = []
     if config is not None:
         path = scratch / "vask.toml"

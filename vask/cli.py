@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -53,17 +54,25 @@ def main() -> None:
 @click.option("--log-level", envvar="VASK_LOG_LEVEL", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log verbosity (default info). [env: VASK_LOG_LEVEL]")
+@click.option("--pid-file", envvar="VASK_PID_FILE", type=click.Path(dir_okay=False),
+              default=None, help="Write the supervisor's pid here, for `vask reload` and "
+                                 "`vask restart`. [env: VASK_PID_FILE]")
 def run(host: str | None, port: int | None, workers: int | None, config: str | None,
-        broker: str | None, log_level: str | None) -> None:
-    """Start the supervisor, the broker and the worker processes."""
-    settings = _load(config, {"host": host, "port": port, "workers": workers,
-                              "broker": broker, "log_level": log_level})
+        broker: str | None, log_level: str | None, pid_file: str | None) -> None:
+    """Start the supervisor, the broker and the worker processes.
+
+    SIGHUP reloads the configuration, SIGUSR2 restarts the workers one by one, SIGTERM
+    stops gracefully (docs/operations.md).
+    """
+    overrides = {"host": host, "port": port, "workers": workers, "broker": broker,
+                 "log_level": log_level, "pid_file": pid_file}
+    settings = _load(config, overrides)
     setup_logging(settings.log_level, "supervisor")
     for warning in warnings_for(settings):
         log.warning("%s", warning)
     from vask.supervisor import Supervisor
 
-    supervisor = Supervisor(settings)
+    supervisor = Supervisor(settings, overrides)
     try:
         supervisor.start()
     except OSError as exc:
@@ -112,6 +121,45 @@ def broker_command(endpoint: str, config: str | None, log_level: str | None) -> 
         serve(settings, endpoint, webhook_endpoint=keeper.endpoint, every_beat=keeper.check)
     finally:
         keeper.stop()
+
+
+def _signal_supervisor(pid_file: str, signum: signal.Signals, what: str) -> None:
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError) as exc:
+        click.echo(f"vask: cannot read a pid from {pid_file}: {exc}", err=True)
+        sys.exit(1)
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        click.echo(f"vask: no process {pid} (from {pid_file}): is vask running?", err=True)
+        sys.exit(1)
+    except PermissionError:
+        click.echo(f"vask: not allowed to signal process {pid} (from {pid_file})", err=True)
+        sys.exit(1)
+    click.echo(f"vask: sent {signum.name} to the supervisor (pid {pid}): {what}; "
+               "its log says how it went", err=True)
+
+
+_PID_FILE = click.option(
+    "--pid-file", envvar="VASK_PID_FILE", required=True, type=click.Path(dir_okay=False),
+    help="The pid file `vask run --pid-file` (or [server] pid_file) writes. "
+         "[env: VASK_PID_FILE]")
+
+
+@main.command("reload")
+@_PID_FILE
+def reload_command(pid_file: str) -> None:
+    """Reload the configuration of a running `vask run` (sends it SIGHUP)."""
+    _signal_supervisor(pid_file, signal.SIGHUP, "configuration reload")
+
+
+@main.command("restart")
+@_PID_FILE
+def restart_command(pid_file: str) -> None:
+    """Replace the workers of a running `vask run` one by one (sends it SIGUSR2)."""
+    _signal_supervisor(pid_file, signal.SIGUSR2, "rolling restart")
 
 
 main.add_command(bench)

@@ -159,6 +159,16 @@ class Settings:
     apps: tuple[App, ...] = ()
     default_app: bool = False  # True when ``apps`` came from the built-in default
     config_file: str = ""
+    #: a rolling restart (and a stop, capped by shutdown_grace) closes a worker's
+    #: WebSocket clients with 4200 at moments spread evenly over this many seconds, so
+    #: they do not all reconnect at once
+    drain_window: float = 10.0
+    #: on stop, /ready answers 503 this long before the listeners close, so a load
+    #: balancer takes the instance out of rotation while it still accepts
+    stop_ready_delay: float = 2.0
+    #: the supervisor writes its pid here ("" = no file); `vask reload`/`vask restart`
+    #: read it
+    pid_file: str = ""
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -196,6 +206,9 @@ _SERVER_KEYS = {
     "webhook_concurrency": int,
     "webhook_retry_window": float,
     "webhook_max_queued": int,
+    "drain_window": float,
+    "stop_ready_delay": float,
+    "pid_file": str,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -373,6 +386,9 @@ def _check_settings(settings: Settings) -> None:
     for name in ("max_connections_per_worker", "max_connections_per_ip"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"server.{name}: must be 0 (automatic/unlimited) or more")
+    for name in ("drain_window", "stop_ready_delay"):
+        if not 0 <= getattr(settings, name) <= 3600:
+            raise ConfigError(f"server.{name}: must be between 0 and 3600 seconds")
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
     seen: dict[str, str] = {}

@@ -10,6 +10,13 @@
   :data:`MAX_EARLY_DEATHS` times in a row, stops the supervisor (exit status 1).
 * Signal handlers only write to a wake-up pipe; the main loop does the work.
   SIGTERM/SIGINT: stop workers (they close clients with 4200), then the broker; exit 0.
+  SIGHUP: reload the configuration (:mod:`vask.reload`): validated here, written to a
+  file in the runtime directory, and each child is sent SIGHUP to read it.
+  SIGUSR2: rolling restart. Slot by slot, a new worker starts on the same shard socket;
+  once it reports ready (a line with its pid on the ready pipe, written when its
+  ``/ready`` would answer 200) the old one is sent SIGUSR1: it stops accepting and
+  closes its clients with 4200 spread over ``drain_window``. Its exit is expected, not
+  a crash.
 * When a worker dies the supervisor tells the broker at once (a control pipe), so its
   connections' presence members and channels are cleaned up without waiting for the
   heartbeat timeout.
@@ -35,10 +42,12 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
-from vask.config import Settings, data_dir, wants_webhooks
+from vask.config import ConfigError, Settings, data_dir, wants_webhooks
 from vask.logs import setup_logging
 from vask.process import STARTUP_FAILURE, set_process_name
+from vask.reload import reload_settings, write_settings_file
 
 log = logging.getLogger("vask.supervisor")
 
@@ -47,6 +56,10 @@ MAX_EARLY_DEATHS = 5
 MAX_BACKOFF = 10.0
 
 _fork = multiprocessing.get_context("fork")
+
+#: extra seconds a stopping or retiring worker gets beyond its own deadline before
+#: the supervisor kills it
+KILL_SLACK = 2.0
 
 
 def bind_shards(host: str, port: int, count: int) -> list[socket.socket]:
@@ -98,7 +111,7 @@ class Child:
 class Supervisor:
     """Owns the shards and the children; see the module docstring."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, overrides: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.runtime_dir = tempfile.mkdtemp(prefix="vask-")
         self.endpoint = settings.broker or f"ipc://{self.runtime_dir}/broker.sock"
@@ -115,6 +128,22 @@ class Supervisor:
         self.reload_asked = False
         self.exit_status = 0
         self.pid = os.getpid()
+        #: the command-line flags of the start, applied again on every reload
+        self.overrides = dict(overrides or {})
+        #: where a reload's settings are written for the children to read
+        self.settings_path = os.path.join(self.runtime_dir, "settings.json")
+        #: workers write "PID\n" here once they are ready (rolling restarts wait on it)
+        self.ready_r, self.ready_w = os.pipe()
+        self.ready_buffer = b""
+        self.ready_pids: set[int] = set()
+        self.roll_asked = False
+        #: rolling restart: slots still to replace, the new worker being started (and
+        #: its deadline), and old workers draining (with the time they get killed)
+        self.roll_queue: list[int] = []
+        self.incoming: Child | None = None
+        self.incoming_deadline = 0.0
+        self.retiring: list[tuple[BaseProcess, float, int]] = []
+        self.pid_file_written = False
 
     # --- starting -------------------------------------------------------------------
 
@@ -124,8 +153,13 @@ class Supervisor:
         self.port = self.shards[0].getsockname()[1]
         os.set_blocking(self.wake_w, False)
         os.set_blocking(self.wake_r, False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+        os.set_blocking(self.ready_r, False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP,
+                       signal.SIGUSR2):
             signal.signal(signum, self._on_signal)
+        if s.pid_file:
+            write_pid_file(s.pid_file, self.pid)
+            self.pid_file_written = True
         signal.set_wakeup_fd(self.wake_w)
         if self.own_broker:
             self.children.append(Child("broker", -1))
@@ -145,6 +179,8 @@ class Supervisor:
             self.stopping = True
         elif signum == signal.SIGHUP:
             self.reload_asked = True
+        elif signum == signal.SIGUSR2:
+            self.roll_asked = True
 
     def _spawn(self, child: Child) -> None:
         settings, endpoint, parent = self.settings, self.endpoint, self.pid
@@ -152,6 +188,7 @@ class Supervisor:
             process = _fork.Process(
                 target=_broker_main,
                 args=(settings, endpoint, parent, self.control_r, self.webhook_endpoint),
+                kwargs={"settings_path": self.settings_path},
                 name="vask-broker", daemon=False)
         elif child.role == "webhooks":
             store = webhook_store(settings, f"webhooks-{self.port}")
@@ -162,6 +199,7 @@ class Supervisor:
             fd = self.shards[child.slot].fileno()
             process = _fork.Process(
                 target=_worker_main, args=(settings, endpoint, child.slot, fd, parent),
+                kwargs={"settings_path": self.settings_path, "ready_fd": self.ready_w},
                 name=f"vask-worker-{child.slot}", daemon=False)
         process.start()
         child.process = process
@@ -174,15 +212,20 @@ class Supervisor:
         try:
             while not self.stopping:
                 with contextlib.suppress(InterruptedError):
-                    select.select([self.wake_r], [], [], 0.5)
+                    select.select([self.wake_r, self.ready_r], [], [], 0.5)
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 4096)
+                self._read_ready()
                 if self.reload_asked:
                     self.reload_asked = False
-                    log.warning("SIGHUP: configuration reload is not supported yet; "
-                                "restart vask to apply changes")
+                    self.reload()
+                if self.roll_asked:
+                    self.roll_asked = False
+                    self._start_roll()
                 if not self.stopping:
                     self._check_children()
+                if not self.stopping:
+                    self._roll()
         finally:
             self.stop()
         return self.exit_status
@@ -229,26 +272,167 @@ class Supervisor:
     def _tell_broker_dead(self, child: Child, pid: int | None) -> None:
         if not self.own_broker:
             return  # an external broker notices through missing heartbeats
+        self.ready_pids.discard(pid or 0)
         name = f"{socket.gethostname()}:{pid}:{child.slot}\n".encode()
         with contextlib.suppress(OSError):
             os.write(self.control_w, name)
+
+    # --- reloading ------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: load and validate the configuration again; apply what may change
+        while running (one log line per change), or keep everything as it is."""
+        try:
+            new, changes = reload_settings(self.settings, self.overrides)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if new == self.settings:
+            log.info("reload: the configuration is unchanged")
+            return
+        for line in changes:
+            log.info("reload: %s", line)
+        self.settings = new  # what children started from now on are forked with
+        logging.getLogger().setLevel(new.log_level.upper())
+        write_settings_file(self.settings_path, new)
+        processes = [c.process for c in self.children if c.process is not None]
+        if self.incoming is not None and self.incoming.process is not None:
+            processes.append(self.incoming.process)
+        for process in processes:
+            if process.pid and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
+
+    # --- rolling restart ------------------------------------------------------------
+
+    def _read_ready(self) -> None:
+        try:
+            data = os.read(self.ready_r, 4096)
+        except BlockingIOError:
+            return
+        self.ready_buffer += data
+        *lines, self.ready_buffer = self.ready_buffer.split(b"\n")
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                self.ready_pids.add(int(line))
+
+    def _start_roll(self) -> None:
+        if self.roll_queue or self.incoming is not None:
+            log.warning("SIGUSR2: a rolling restart is already under way")
+            return
+        self.roll_queue = [c.slot for c in self.children if c.role == "worker"]
+        log.info("rolling restart of %d worker(s) begins (drain_window %gs)",
+                 len(self.roll_queue), self.settings.drain_window)
+
+    def _roll(self) -> None:
+        """One step of a rolling restart (called every loop turn)."""
+        now = time.monotonic()
+        for entry in list(self.retiring):
+            process, kill_at, slot = entry
+            if not process.is_alive():
+                process.join(0)
+                self.retiring.remove(entry)
+                if process.exitcode != 0:  # a drained worker said BYE itself
+                    self._tell_broker_dead(Child("worker", slot), process.pid)
+                log.info("old worker %d (pid %s) drained and exited", slot, process.pid)
+                if not self.roll_queue and self.incoming is None and not self.retiring:
+                    log.info("rolling restart done")
+            elif now >= kill_at and process.pid:
+                log.warning("old worker (pid %s) still draining; killing it", process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+                self.retiring.remove(entry)
+                self.retiring.append((process, now + 5.0, slot))
+        incoming = self.incoming
+        if incoming is None:
+            if self.roll_queue:
+                slot = self.roll_queue.pop(0)
+                self.incoming = Child("worker", slot)
+                self._spawn(self.incoming)
+                # a new worker gets as long as one starting from scratch (it exits
+                # STARTUP_FAILURE after 6 x broker_timeout without a welcome), and more
+                self.incoming_deadline = now + 6 * self.settings.broker_timeout + 10.0
+            return
+        fresh = incoming.process
+        assert fresh is not None
+        if fresh.pid in self.ready_pids:
+            self._swap(incoming)
+        elif not fresh.is_alive() or now >= self.incoming_deadline:
+            if fresh.is_alive() and fresh.pid:
+                os.kill(fresh.pid, signal.SIGKILL)
+            fresh.join(1.0)
+            self._tell_broker_dead(incoming, fresh.pid)
+            log.error("rolling restart stopped: the new worker %d (pid %s) did not become "
+                      "ready (exit status %s); the old worker %d keeps serving",
+                      incoming.slot, fresh.pid, fresh.exitcode, incoming.slot)
+            self.incoming = None
+            self.roll_queue = []
+
+    def _swap(self, incoming: Child) -> None:
+        """The new worker is ready: it takes the slot, the old one drains."""
+        child = next(c for c in self.children
+                     if c.role == "worker" and c.slot == incoming.slot)
+        old = child.process
+        child.process = incoming.process
+        child.started = incoming.started
+        child.early_deaths = 0
+        child.restart_at = 0.0
+        self.incoming = None
+        new_pid = incoming.process.pid if incoming.process else None
+        if old is None or not old.is_alive():
+            log.info("worker %d replaced (pid %s)", child.slot, new_pid)
+            return
+        s = self.settings
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old.pid or 0, signal.SIGUSR1)
+        self.retiring.append(
+            (old, time.monotonic() + s.drain_window + s.shutdown_grace + KILL_SLACK,
+             child.slot))
+        log.info("worker %d replaced (pid %s -> %s); the old one drains over %gs",
+                 child.slot, old.pid, new_pid, s.drain_window)
 
     # --- stopping -------------------------------------------------------------------
 
     def stop(self) -> None:
         """Workers first (they close clients with 4200), then the broker (it hands the
         webhook events of those disconnections to the sender), then the sender."""
-        def processes(role: str) -> list[BaseProcess]:
-            return [c.process for c in self.children if c.role == role and c.process]
-
-        grace = self.settings.shutdown_grace + 2.0
-        _terminate(processes("worker"), grace)
-        _terminate(processes("broker"), 5.0)
-        _terminate(processes("webhooks"), 5.0)
+        log.info("stopping: workers close their clients (4200), then the broker")
+        workers = [c.process for c in self.children if c.role == "worker" and c.process]
+        workers += [process for process, _, _ in self.retiring]
+        if self.incoming is not None and self.incoming.process is not None:
+            workers.append(self.incoming.process)
+        brokers = [c.process for c in self.children if c.role == "broker" and c.process]
+        senders = [c.process for c in self.children if c.role == "webhooks" and c.process]
+        s = self.settings
+        grace = (s.stop_ready_delay + min(s.drain_window, s.shutdown_grace)
+                 + s.shutdown_grace + KILL_SLACK)
+        _terminate(workers, grace)
+        _terminate(brokers, 5.0)
+        _terminate(senders, 5.0)
         for sock in self.shards:
             sock.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         signal.set_wakeup_fd(-1)
+        if self.pid_file_written:
+            remove_pid_file(s.pid_file, self.pid)
+        log.info("stopped")
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """Write ``pid`` to ``path`` (replacing it atomically, so a reader never sees half)."""
+    tmp = f"{path}.{pid}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{pid}\n")
+    os.replace(tmp, path)
+
+
+def remove_pid_file(path: str, pid: int) -> None:
+    """Remove the pid file if it still names ``pid`` (another instance may own it now)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            if int(f.read().strip()) != pid:
+                return
+        os.unlink(path)
 
 
 class SenderKeeper:
@@ -310,8 +494,11 @@ def _child_setup(role: str, settings: Settings) -> None:
     set_process_name(f"vask-{role}")
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
-    # a SIGHUP to the process group is for the supervisor, not a reason for children to die
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A SIGHUP to the process group is for the supervisor, not a reason for children to
+    # die; nor is a SIGUSR1/2 that arrives before the child installs its own handlers
+    # (the worker: SIGHUP reloads, SIGUSR1 drains; the broker: SIGHUP reloads).
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     setup_logging(settings.log_level, role)
 
@@ -324,13 +511,13 @@ def webhook_store(settings: Settings, name: str) -> Path:
 
 
 def _broker_main(settings: Settings, endpoint: str, parent: int, control_fd: int,
-                 webhook_endpoint: str) -> None:
+                 webhook_endpoint: str, settings_path: str = "") -> None:
     _child_setup("broker", settings)
     from vask.broker.server import serve
 
     try:
         serve(settings, endpoint, parent_pid=parent, control_fd=control_fd,
-              webhook_endpoint=webhook_endpoint)
+              webhook_endpoint=webhook_endpoint, settings_path=settings_path)
     except Exception:
         log.exception("the broker failed")
         sys.exit(1)
@@ -353,8 +540,10 @@ def _sender_main(settings: Settings, endpoint: str, store: Path, parent: int) ->
         sys.exit(1)
 
 
-def _worker_main(settings: Settings, endpoint: str, slot: int, fd: int, parent: int) -> None:
+def _worker_main(settings: Settings, endpoint: str, slot: int, fd: int, parent: int,
+                 settings_path: str = "", ready_fd: int = -1) -> None:
     _child_setup(f"worker-{slot}", settings)
     from vask.workers.server import run_worker
 
-    run_worker(settings, endpoint, slot, fd, parent)
+    run_worker(settings, endpoint, slot, fd, parent, settings_path=settings_path,
+               ready_fd=ready_fd)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from vask import frames
-from vask.config import App
+from vask.config import App, Settings
 from vask.envelope import ConnOpen
 from vask.session import PusherSession
 from vask.workers.websocket import OPEN, OPENING, PusherConnection
@@ -93,6 +93,12 @@ class Admission:
         self.per_ip: dict[str, int] = {}
         self.next_socket = 1
 
+    def reload(self, settings: Settings) -> None:
+        """New settings (a reload): apps and caps for connections from now on."""
+        self.apps_by_key = {a.key: a for a in settings.apps}
+        self.max_connections = connection_cap(settings.max_connections_per_worker)
+        self.max_per_ip = settings.max_connections_per_ip
+
     # --- TCP level ------------------------------------------------------------------
 
     def tcp_opened(self, conn: HttpProtocol) -> tuple[int, str] | None:
@@ -154,6 +160,8 @@ class Admission:
                             answered)
 
     def _established(self, conn: PusherConnection, app: App) -> None:
+        # after a quota check the app may have been reloaded meanwhile (same key)
+        app = self.apps_by_key.get(app.key, app)
         conn.phase = OPEN
         conn.session = PusherSession(app, conn.socket_id)
         self.worker.by_socket_id[conn.socket_id] = conn

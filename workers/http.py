@@ -255,7 +255,8 @@ class HttpProtocol(Outbound):
         self.idle_since = time.monotonic()
         if parser.should_upgrade():
             return  # handled by HttpParserUpgrade
-        keep_alive = parser.should_keep_alive()
+        # a stopping worker answers what it was asked, then closes the connection
+        keep_alive = parser.should_keep_alive() and not self.worker.stopping
         method = parser.get_method().decode()
         body = b"".join(self.body)
         self.body = []

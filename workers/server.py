@@ -13,6 +13,11 @@ The worker is split by responsibility:
 :class:`Worker` holds them, the set of open connections, the HTTP routes and a coarse
 clock that the single periodic sweep advances (connections read it instead of calling
 ``time``).
+
+Signals (from the supervisor): SIGTERM/SIGINT stop the worker (:meth:`Worker.shutdown`
+after ``stop_ready_delay`` of answering ``/ready`` with 503); SIGUSR1 drains it for a
+rolling restart (no delay: its replacement already accepts on the same socket); SIGHUP
+reloads the settings the supervisor wrote (:meth:`Worker.on_reload`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -30,6 +36,7 @@ from websockets.server import ServerProtocol
 
 from vask.config import Settings
 from vask.process import STARTUP_FAILURE, die_with_parent
+from vask.reload import app_verdict, read_settings_file
 from vask.workers.admission import Admission
 from vask.workers.api_adapter import ApiAdapter
 from vask.workers.broker_link import BrokerLink
@@ -38,11 +45,17 @@ from vask.workers.http import HttpProtocol, Response, error_response, http_respo
 from vask.workers.index import ChannelIndex
 from vask.workers.outbound import Corker
 from vask.workers.rosters import Rosters
-from vask.workers.websocket import OPEN, OPENING, PusherConnection
+from vask.workers.websocket import CLOSING, OPEN, OPENING, PusherConnection
 
 log = logging.getLogger("vask.worker")
 
 SWEEP_INTERVAL = 1.0
+#: how often a draining worker sends the 4200 closes that are due and closes idle HTTP
+#: connections
+DRAIN_TICK = 0.05
+#: a connection accepted this recently that has sent no request yet is not closed by a
+#: drain: its request may be on its way (closing it with unread input would reset it)
+FRESH_HTTP = 0.5
 STARTUP_BROKER_WAIT = 6  # times broker_timeout to wait for the first welcome
 
 
@@ -74,6 +87,10 @@ class Worker:
         self.server: asyncio.AbstractServer | None = None
         self.stopping = False
         self.api: ApiAdapter | None = None
+        #: the file the supervisor writes reloaded settings to ("" = none)
+        self.settings_path = ""
+        #: the supervisor's ready pipe: this worker writes its pid there once ready
+        self.ready_fd = -1
 
     # --- clock and sweep ----------------------------------------------------------------
 
@@ -107,6 +124,20 @@ class Worker:
     # --- lifecycle ------------------------------------------------------------------
 
     async def serve(self, sock: socket.socket, parent_pid: int) -> None:
+        stop = asyncio.Event()
+        drain = False
+
+        def retire() -> None:
+            nonlocal drain
+            drain = True
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, stop.set)
+        self.loop.add_signal_handler(signal.SIGUSR1, retire)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload_from_file)
+        # a reload between the fork and the line above sent its SIGHUP in vain
+        self.reload_from_file()
         self.link.start()
         self.sweep()
         patience = STARTUP_BROKER_WAIT * self.settings.broker_timeout
@@ -118,36 +149,143 @@ class Worker:
             raise SystemExit(STARTUP_FAILURE) from None
         self.server = await self.loop.create_server(
             lambda: HttpProtocol(self), sock=sock, backlog=4096)
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(signum, stop.set)
         log.info("worker %d serving (pid %d)", self.slot, os.getpid())
+        announce = self.loop.create_task(self._announce_ready(stop))
         await stop.wait()
-        await self.shutdown()
+        announce.cancel()
+        s = self.settings
+        if drain:
+            log.info("worker %d draining for a rolling restart over %gs",
+                     self.slot, s.drain_window)
+            await self.shutdown(0.0, s.drain_window)
+        else:
+            await self.shutdown(s.stop_ready_delay, min(s.drain_window, s.shutdown_grace))
 
-    async def shutdown(self) -> None:
+    async def _announce_ready(self, stop: asyncio.Event) -> None:
+        """Tell the supervisor (its ready pipe) once ``/ready`` would answer 200: a
+        rolling restart retires the old worker of this slot only then."""
+        link = self.link
+        while not (link.up and link.recovered) and not stop.is_set():
+            await asyncio.sleep(0.05)
+        if self.ready_fd >= 0 and not stop.is_set():
+            try:
+                os.write(self.ready_fd, f"{os.getpid()}\n".encode())
+            except OSError as exc:
+                log.warning("worker %d cannot tell the supervisor it is ready: %s",
+                            self.slot, exc.strerror)
+
+    async def shutdown(self, ready_delay: float = 0.0, spread: float = 0.0) -> None:
+        """Stop without cutting anyone off.
+
+        1. ``/ready`` answers 503 (and new WebSockets get 4200) for ``ready_delay``
+           seconds while the listener still accepts, so a load balancer can take this
+           instance out of rotation first;
+        2. the listener closes (connections queued on the shard socket stay there for
+           the other process sharing it: the replacement in a rolling restart);
+        3. open WebSockets get 4200 at moments spread evenly, in random order, over
+           ``spread`` seconds, so they do not all reconnect at once; HTTP requests in
+           flight finish and are answered with ``Connection: close``; idle HTTP
+           connections are closed (FIN, not reset);
+        4. whatever is left ``shutdown_grace`` seconds after the last 4200 is aborted,
+           and the broker is told BYE.
+        """
         self.stopping = True
+        loop = self.loop
+        if ready_delay > 0:
+            await asyncio.sleep(ready_delay)
         if self.server is not None:
             self.server.close()
-        for conn in list(self.connections):
-            if type(conn) is not PusherConnection:
-                if conn.transport is not None:
-                    conn.transport.abort()
-            elif conn.phase == OPEN:
-                conn.close(4200, "Server is closing. Please reconnect shortly.")
-            elif conn.phase != OPENING:
-                conn.abort()
-        self.corker.flush()
-        deadline = self.loop.time() + self.settings.shutdown_grace
-        while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        start = loop.time()
+        deadline = start + spread + self.settings.shutdown_grace
+        order = [c for c in self.connections if type(c) is PusherConnection]
+        random.shuffle(order)
+        step = spread / len(order) if order else 0.0
+        sent = 0
+        while loop.time() < deadline:
+            elapsed = loop.time() - start
+            while sent < len(order) and sent * step <= elapsed:
+                client = order[sent]
+                sent += 1
+                if client.phase == OPEN:
+                    client.close(4200, "Server is closing. Please reconnect shortly.")
+            late = sent == len(order) and elapsed >= spread
+            fresh = time.monotonic() - FRESH_HTTP
+            for conn in list(self.connections):
+                if not isinstance(conn, HttpProtocol):
+                    # opened after the list was made (a quota check was pending)
+                    if late and conn.phase == OPEN:
+                        conn.close(4200, "Server is closing. Please reconnect shortly.")
+                elif (conn.transport is not None and not conn.in_request
+                        and conn.pipeline is None and not conn.lingering
+                        and (conn.idle_since or conn.started < fresh)):
+                    conn.transport.close()
+            self.corker.flush()
+            if not self.connections:
+                break
+            await asyncio.sleep(DRAIN_TICK)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
         self.link.close()
 
+    # --- reload -------------------------------------------------------------------------
 
-def run_worker(settings: Settings, endpoint: str, slot: int, fd: int, parent_pid: int) -> None:
+    def reload_from_file(self) -> None:
+        """SIGHUP: take the settings the supervisor wrote, if they differ."""
+        if not self.settings_path:
+            return
+        try:
+            new = read_settings_file(self.settings_path)
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("worker %d cannot read the reloaded settings: %s", self.slot, exc)
+            return
+        if new is not None and new != self.settings:
+            self.on_reload(new)
+
+    def on_reload(self, new: Settings) -> None:
+        """Run with ``new`` settings from now on (validated by the supervisor).
+
+        Requests read ``self.settings`` as they come (the HTTP API resolves its app per
+        request), so swapping it covers them. Open connections follow their app by id:
+        one whose app was removed, disabled or re-keyed is closed with the code a
+        connect would now get (4001, 4003); the others keep their connection and check
+        new subscriptions against the new secret and limits.
+
+        TLS: re-reading the certificate and key (a new SSL context for new connections)
+        belongs here too.
+        """
+        old = self.settings
+        self.settings = new
+        self.link.settings = new
+        self.corker.limit = new.write_buffer_limit
+        self.admission.reload(new)
+        logging.getLogger().setLevel(new.log_level.upper())
+        previous = {app.id: app for app in old.apps}
+        current = {app.id: app for app in new.apps}
+        closed = 0
+        for conn in list(self.connections):
+            if type(conn) is not PusherConnection:
+                continue
+            session = conn.session
+            if session is not None:
+                verdict = app_verdict(session.app, current)
+            elif conn.phase == OPENING and conn.app_id in previous:
+                verdict = app_verdict(previous[conn.app_id], current)
+            else:
+                continue
+            if isinstance(verdict, tuple):
+                if conn.phase < CLOSING:
+                    conn.close(*verdict)
+                    closed += 1
+            elif session is not None:
+                session.app = verdict
+        self.corker.flush()
+        log.info("worker %d: configuration reloaded (%d connection(s) of removed, "
+                 "disabled or re-keyed apps closed)", self.slot, closed)
+
+
+def run_worker(settings: Settings, endpoint: str, slot: int, fd: int, parent_pid: int,
+               settings_path: str = "", ready_fd: int = -1) -> None:
     """Process entry point (called in the forked child)."""
     import uvloop
 
@@ -158,6 +296,8 @@ def run_worker(settings: Settings, endpoint: str, slot: int, fd: int, parent_pid
     async def main() -> None:
         worker = Worker(settings, endpoint, slot)
         worker.api = ApiAdapter(worker)
+        worker.settings_path = settings_path
+        worker.ready_fd = ready_fd
         await worker.serve(sock, parent_pid)
 
     uvloop.run(main())
