@@ -151,6 +151,9 @@ def vask_env(scratch: Path, env: dict[str, str] | None = None) -> dict[str, str]
     ``env``, with TMPDIR in ``scratch`` (the supervisor's runtime folder goes there)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VASK_")}
     full_env["TMPDIR"] = str(scratch)
+    # No metrics listener unless a test asks for one: the default port is fixed, and
+    # servers of concurrent tests would compete for it.
+    full_env["VASK_METRICS_PORT"] = "0"
     full_env.update(env or {})
     return full_env
 

@@ -53,11 +53,16 @@ def main() -> None:
 @click.option("--log-level", envvar="VASK_LOG_LEVEL", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log verbosity (default info). [env: VASK_LOG_LEVEL]")
+@click.option("--metrics-port", envvar="VASK_METRICS_PORT", type=int, default=None,
+              help="Port of the broker's Prometheus /metrics listener (default 9601, on "
+                   "metrics_host, 127.0.0.1 by default); 0 turns it off. "
+                   "[env: VASK_METRICS_PORT]")
 def run(host: str | None, port: int | None, workers: int | None, config: str | None,
-        broker: str | None, log_level: str | None) -> None:
+        broker: str | None, log_level: str | None, metrics_port: int | None) -> None:
     """Start the supervisor, the broker and the worker processes."""
     settings = _load(config, {"host": host, "port": port, "workers": workers,
-                              "broker": broker, "log_level": log_level})
+                              "broker": broker, "log_level": log_level,
+                              "metrics_port": metrics_port})
     setup_logging(settings.log_level, "supervisor")
     for warning in warnings_for(settings):
         log.warning("%s", warning)
@@ -95,9 +100,14 @@ def _banner(settings: Settings, port: int) -> None:
               default=None, help="The same TOML config the workers use. [env: VASK_CONFIG]")
 @click.option("--log-level", envvar="VASK_LOG_LEVEL", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def broker_command(endpoint: str, config: str | None, log_level: str | None) -> None:
+@click.option("--metrics-port", envvar="VASK_METRICS_PORT", type=int, default=None,
+              help="Port of the cluster's Prometheus /metrics listener (default 9601); "
+                   "0 turns it off. [env: VASK_METRICS_PORT]")
+def broker_command(endpoint: str, config: str | None, log_level: str | None,
+                   metrics_port: int | None) -> None:
     """Run a broker alone, for workers on several hosts (`vask run --broker ...`)."""
-    settings = _load(config, {"broker": endpoint, "log_level": log_level})
+    settings = _load(config, {"broker": endpoint, "log_level": log_level,
+                              "metrics_port": metrics_port})
     setup_logging(settings.log_level, "broker")
     set_process_name("vask-broker")
     from vask.broker.server import serve

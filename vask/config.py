@@ -159,6 +159,9 @@ class Settings:
     apps: tuple[App, ...] = ()
     default_app: bool = False  # True when ``apps`` came from the built-in default
     config_file: str = ""
+    #: the broker's Prometheus listener (docs/metrics.md); port 0 = no listener
+    metrics_port: int = 9601
+    metrics_host: str = "127.0.0.1"
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -196,6 +199,8 @@ _SERVER_KEYS = {
     "webhook_concurrency": int,
     "webhook_retry_window": float,
     "webhook_max_queued": int,
+    "metrics_port": int,
+    "metrics_host": str,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -373,6 +378,9 @@ def _check_settings(settings: Settings) -> None:
     for name in ("max_connections_per_worker", "max_connections_per_ip"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"server.{name}: must be 0 (automatic/unlimited) or more")
+    if not 0 <= settings.metrics_port < 65536:
+        raise ConfigError(f"server.metrics_port: {settings.metrics_port} is not a TCP port "
+                          "(1-65535, or 0 for no metrics listener)")
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
     seen: dict[str, str] = {}
