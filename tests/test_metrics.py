@@ -10,9 +10,9 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from vask import envelope
 from vask.broker.metrics import ClusterTotals, MetricsServer, cluster_snapshot, families
 from vask.broker.server import Broker
-from vask import envelope
 from vask.envelope import ENVELOPE_VERSION, Hello, Stats, Subscribe
 from vask.metrics import LATENCY_BOUNDS, SPECS, Histogram, WorkerMetrics, valid_snapshot
 
