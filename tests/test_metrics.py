@@ -3,8 +3,11 @@ restarts, and the Prometheus text it produces (parsed back with prometheus_clien
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -14,7 +17,14 @@ from vask import envelope
 from vask.broker.metrics import ClusterTotals, MetricsServer, cluster_snapshot, families
 from vask.broker.server import Broker
 from vask.envelope import ENVELOPE_VERSION, Hello, Stats, Subscribe
-from vask.metrics import LATENCY_BOUNDS, SPECS, Histogram, WorkerMetrics, valid_snapshot
+from vask.metrics import (
+    LATENCY_BOUNDS,
+    SPEC_BY_NAME,
+    SPECS,
+    Histogram,
+    WorkerMetrics,
+    valid_snapshot,
+)
 
 W1, W2, W3 = b"w1", b"w2", b"w3"
 
@@ -216,3 +226,17 @@ def test_a_scrape_is_answered_by_the_loop_and_without_it_after_the_wait() -> Non
     assert not server.wanted.is_set()
     families_out = list(families(got[0]))
     assert [f.name for f in families_out] == ["vask_workers"]
+
+
+def test_the_grafana_dashboard_is_json_and_names_only_exported_metrics() -> None:
+    path = Path(__file__).parent.parent / "docs" / "grafana-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    names = {n for e in exprs for n in re.findall(r"vask_[a-z_]+", e)}
+    assert len(names) > 20
+    for name in names:
+        base = re.sub(r"_(total|bucket)$", "", name)
+        assert base in SPEC_BY_NAME, name
+    documented = (path.parent / "metrics.md").read_text()
+    for spec in SPECS:
+        assert f"`{spec.name}" in documented, spec.name
