@@ -40,6 +40,7 @@ from types import FrameType
 import zmq
 
 from vask import envelope
+from vask.broker.metrics import ClusterTotals, MetricsServer, cluster_snapshot
 from vask.broker.state import ClusterState, Out
 from vask.broker.webhook_link import WebhookLink
 from vask.config import Settings
@@ -54,6 +55,7 @@ from vask.envelope import (
     Reply,
     Resync,
     SignIn,
+    Stats,
     Subscribe,
     Synced,
     TerminateUser,
@@ -219,6 +221,12 @@ class Broker:
         #: a SIGHUP asked to read it
         self.settings_path = ""
         self.reload_asked = False
+        #: the workers' metrics snapshots (STATS), summed for /metrics
+        self.totals = ClusterTotals()
+        #: workers the supervisor reported dead (it restarts them)
+        self.worker_restarts = 0
+        #: the /metrics listener, if one was started (see serve)
+        self.metrics: MetricsServer | None = None
 
     def bind(self) -> None:
         self.router.bind(self.endpoint)
@@ -231,8 +239,8 @@ class Broker:
         dropped because the sender did not keep up (see docs/webhooks.md)."""
         if self.webhooks is None:
             return {}
-        return {**self.webhooks.stats, "broker_dropped": self.webhooks.dropped,
-                "broker_waiting": self.webhooks.waiting}
+        stats = self.webhooks.stats
+        return {**stats, "dropped": stats.get("dropped", 0) + self.webhooks.dropped}
 
     def stop(self, *_: object) -> None:
         self.running = False
@@ -470,6 +478,9 @@ class Broker:
             out = state.synced(identity)
         elif isinstance(message, Heartbeat):
             out = []
+        elif isinstance(message, Stats):
+            self.totals.update(identity, message.stats)
+            out = []
         elif isinstance(message, Bye):
             out = state.purge(identity)
         else:  # a broker -> worker verb
@@ -496,6 +507,7 @@ class Broker:
         *lines, self.control_buffer = self.control_buffer.split(b"\n")
         for line in lines:
             if line:
+                self.worker_restarts += 1
                 log.info("worker %s died; purging it", line.decode(errors="replace"))
                 self.send(self.state.purge_named(line.decode(errors="replace")))
 
@@ -504,6 +516,9 @@ class Broker:
     def timers(self, now: float) -> None:
         interval = self.settings.heartbeat_interval
         state = self.state
+        metrics = self.metrics
+        if metrics is not None and metrics.wanted.is_set():
+            metrics.publish(cluster_snapshot(self))  # a scrape is waiting for it
         if now >= self.next_flush:
             self.next_flush = now + COUNT_FLUSH_INTERVAL
             self.send(state.flush_counts(now))
@@ -620,6 +635,14 @@ def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
         broker.reload_from_file()
     broker.bind()
     log.info("broker listening on %s (pid %d)", endpoint, os.getpid())
+    if settings.metrics_port:
+        broker.metrics = MetricsServer()
+        if not broker.metrics.start(settings.metrics_host, settings.metrics_port):
+            broker.metrics = None
     if parent_pid:
         die_with_parent(parent_pid)
-    broker.run()
+    try:
+        broker.run()
+    finally:
+        if broker.metrics is not None:
+            broker.metrics.stop()

@@ -153,6 +153,9 @@ def vask_env(scratch: Path, env: dict[str, str] | None = None) -> dict[str, str]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VASK_")}
     full_env["TMPDIR"] = str(scratch)
     full_env["VASK_DATA_DIR"] = str(scratch / "data")
+    # No metrics listener unless a test asks for one: the default port is fixed, and
+    # servers of concurrent tests would compete for it.
+    full_env["VASK_METRICS_PORT"] = "0"
     full_env.update(env or {})
     return full_env
 

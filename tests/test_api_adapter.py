@@ -11,13 +11,16 @@ from types import SimpleNamespace
 from typing import Any
 
 from vask.config import load_settings
+from vask.metrics import WorkerMetrics
 from vask.workers.api_adapter import ApiAdapter
 
 
 def make_adapter() -> tuple[ApiAdapter, asyncio.Event]:
     caught_up = asyncio.Event()
     link = SimpleNamespace(caught_up=caught_up, up=True, send=lambda message: None)
-    worker: Any = SimpleNamespace(settings=load_settings(env={}), link=link)
+    settings = load_settings(env={})
+    worker: Any = SimpleNamespace(settings=settings, link=link,
+                                  metrics=WorkerMetrics([app.id for app in settings.apps]))
     return ApiAdapter(worker), caught_up
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from vask.config import load_settings
+from vask.metrics import WorkerMetrics
 from vask.workers.admission import Admission, websocket_problem
 from vask.workers.http import MAX_PIPELINED, HttpProtocol
 from vask.workers.outbound import Corker
@@ -78,9 +78,11 @@ class FakeTransport(asyncio.Transport):
 def make_worker(loop: asyncio.AbstractEventLoop, routes: Any = None,
                 **server: Any) -> Any:
     settings = load_settings(env={}, overrides=server) if server else load_settings(env={})
+    metrics = WorkerMetrics([app.id for app in settings.apps])
     worker: Any = SimpleNamespace(
         settings=settings, clock=100.0, wall=1_000_000.0, connections=set(),
-        counters=Counter(), corker=Corker(loop, 262_144), stopping=False, loop=loop,
+        counters=metrics.events, corker=Corker(loop, 262_144), stopping=False, loop=loop,
+        metrics=metrics,
     )
     worker.admission = Admission(worker)
     worker.http_route = routes or (

@@ -21,6 +21,7 @@ from vask.envelope import (
     Reply,
     Resync,
     SignIn,
+    Stats,
     Subscribe,
     Synced,
     Terminate,
@@ -52,6 +53,9 @@ SAMPLES = [
     TerminateUser("1", "u1", 18),
     Query(9, "1", "channels", {"prefix": "presence-"}),
     Reply(9, {"channels": {"a": {"subscription_count": 1}}}),
+    Stats(42, {"counters": {"vask_deliveries": {"1": 5}}, "gauges": {"vask_connected": {"1": 2}},
+               "histograms": {"vask_broker_round_trip_seconds": [1, 0, 2, 1500]}}),
+    Stats(42, {}),
 ]
 
 
@@ -141,6 +145,16 @@ def test_bad_batches_are_refused(frames: list[bytes]) -> None:
         ([b"TERM", b'[["1.1"],4200,null]'], "Terminate.message"),
         ([b"HB", b"[1]", b"extra"], "expected 2 frames"),
         ([b"HB", b"[18446744073709551615]"], "Heartbeat.epoch"),  # above 2**63 - 1
+        ([b"STATS", b'[1,[]]'], "Stats.stats"),
+        ([b"STATS", b'[1,{"other":{}}]'], "Stats.stats"),
+        ([b"STATS", b'[1,{"counters":{"m":{"1":-1}}}]'], "Stats.stats"),
+        ([b"STATS", b'[1,{"counters":{"m":{"1":1.5}}}]'], "Stats.stats"),
+        ([b"STATS", b'[1,{"counters":{"m":{"1":true}}}]'], "Stats.stats"),
+        ([b"STATS", b'[1,{"counters":{"m":[1,2]}}]'], "Stats.stats"),
+        ([b"STATS", b'[1,{"counters":{"":{"1":1}}}]'], "Stats.stats"),
+        ([b"STATS", b'[1,{"histograms":{"h":{"1":1}}}]'], "Stats.stats"),
+        ([b"STATS", b'[1,{"histograms":{"h":[1]}}]'], "Stats.stats"),
+        ([b"STATS", b'[1,{"gauges":{"g":{"1":"2"}}}]'], "Stats.stats"),
     ],
 )
 def test_fields_of_the_wrong_type_or_length_are_refused(frames: list[bytes],

@@ -37,6 +37,7 @@ from vask.envelope import (
     Reply,
     Resync,
     SignIn,
+    Stats,
     Subscribe,
     Synced,
     Terminate,
@@ -91,6 +92,13 @@ VERB_STRATEGIES: dict[type[Verb], st.SearchStrategy[Verb]] = {
     TerminateUser: st.builds(TerminateUser, name, name, counts),
     Query: st.builds(Query, counts, name, name, objects),
     Reply: st.builds(Reply, counts, objects),
+    Stats: st.builds(Stats, counts, st.fixed_dictionaries({}, optional={
+        "counters": st.dictionaries(name.filter(lambda n: len(n) <= 200),
+                                    st.dictionaries(name_or_empty, counts, max_size=3),
+                                    max_size=3),
+        "histograms": st.dictionaries(name.filter(lambda n: len(n) <= 200),
+                                      st.lists(counts, min_size=2, max_size=16), max_size=2),
+    })),
 }
 verbs: st.SearchStrategy[Verb] = st.one_of(*VERB_STRATEGIES.values())
 

@@ -26,6 +26,7 @@ from pusher.http import process_response
 
 from vask.config import App, Settings
 from vask.envelope import Publish, TerminateUser, Verb
+from vask.metrics import WorkerMetrics
 from vask.workers.api_adapter import ApiAdapter
 from vask.workers.http import http_response
 from vask.workers.http_api import (
@@ -776,7 +777,8 @@ def behind_adapter() -> tuple[ApiAdapter, asyncio.Event, list[Verb]]:
         return {"ok": True}
 
     link = SimpleNamespace(caught_up=caught_up, up=True, send=sent.append, ask=ask)
-    worker: Any = SimpleNamespace(settings=SETTINGS, link=link)
+    worker: Any = SimpleNamespace(settings=SETTINGS, link=link,
+                                  metrics=WorkerMetrics([app.id for app in SETTINGS.apps]))
     return ApiAdapter(worker), caught_up, sent
 
 

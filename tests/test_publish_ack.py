@@ -12,6 +12,7 @@ import orjson
 
 from tests.test_http_api import EVENT, SETTINGS, request
 from vask.envelope import Publish, TerminateUser, Verb
+from vask.metrics import WorkerMetrics
 from vask.workers.api_adapter import ApiAdapter
 from vask.workers.broker_link import BrokerUnavailable
 
@@ -28,7 +29,9 @@ def adapter(answer: dict[str, Any] | None, up: bool = True) -> tuple[ApiAdapter,
     caught_up = asyncio.Event()
     caught_up.set()
     link = SimpleNamespace(caught_up=caught_up, up=up, ask=ask)
-    return ApiAdapter(SimpleNamespace(settings=SETTINGS, link=link)), asked  # type: ignore[arg-type]
+    metrics = WorkerMetrics([app.id for app in SETTINGS.apps])
+    worker = SimpleNamespace(settings=SETTINGS, link=link, metrics=metrics)
+    return ApiAdapter(worker), asked  # type: ignore[arg-type]
 
 
 def post(api: ApiAdapter, path: str, body: Any) -> bytes:

@@ -57,15 +57,20 @@ def main() -> None:
 @click.option("--pid-file", envvar="VASK_PID_FILE", type=click.Path(dir_okay=False),
               default=None, help="Write the supervisor's pid here, for `vask reload` and "
                                  "`vask restart`. [env: VASK_PID_FILE]")
+@click.option("--metrics-port", envvar="VASK_METRICS_PORT", type=int, default=None,
+              help="Port of the broker's Prometheus /metrics listener (default 9601, on "
+                   "metrics_host, 127.0.0.1 by default); 0 turns it off. "
+                   "[env: VASK_METRICS_PORT]")
 def run(host: str | None, port: int | None, workers: int | None, config: str | None,
-        broker: str | None, log_level: str | None, pid_file: str | None) -> None:
+        broker: str | None, log_level: str | None, pid_file: str | None,
+        metrics_port: int | None) -> None:
     """Start the supervisor, the broker and the worker processes.
 
     SIGHUP reloads the configuration, SIGUSR2 restarts the workers one by one, SIGTERM
     stops gracefully (docs/operations.md).
     """
     overrides = {"host": host, "port": port, "workers": workers, "broker": broker,
-                 "log_level": log_level, "pid_file": pid_file}
+                 "log_level": log_level, "pid_file": pid_file, "metrics_port": metrics_port}
     settings = _load(config, overrides)
     setup_logging(settings.log_level, "supervisor")
     for warning in warnings_for(settings):
@@ -104,9 +109,14 @@ def _banner(settings: Settings, port: int) -> None:
               default=None, help="The same TOML config the workers use. [env: VASK_CONFIG]")
 @click.option("--log-level", envvar="VASK_LOG_LEVEL", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def broker_command(endpoint: str, config: str | None, log_level: str | None) -> None:
+@click.option("--metrics-port", envvar="VASK_METRICS_PORT", type=int, default=None,
+              help="Port of the cluster's Prometheus /metrics listener (default 9601); "
+                   "0 turns it off. [env: VASK_METRICS_PORT]")
+def broker_command(endpoint: str, config: str | None, log_level: str | None,
+                   metrics_port: int | None) -> None:
     """Run a broker alone, for workers on several hosts (`vask run --broker ...`)."""
-    settings = _load(config, {"broker": endpoint, "log_level": log_level})
+    settings = _load(config, {"broker": endpoint, "log_level": log_level,
+                              "metrics_port": metrics_port})
     setup_logging(settings.log_level, "broker")
     set_process_name("vask-broker")
     from vask.broker.server import serve

@@ -169,6 +169,9 @@ class Settings:
     #: the supervisor writes its pid here ("" = no file); `vask reload`/`vask restart`
     #: read it
     pid_file: str = ""
+    #: the broker's Prometheus listener (docs/metrics.md); port 0 = no listener
+    metrics_port: int = 9601
+    metrics_host: str = "127.0.0.1"
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -209,6 +212,8 @@ _SERVER_KEYS = {
     "drain_window": float,
     "stop_ready_delay": float,
     "pid_file": str,
+    "metrics_port": int,
+    "metrics_host": str,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -389,6 +394,9 @@ def _check_settings(settings: Settings) -> None:
     for name in ("drain_window", "stop_ready_delay"):
         if not 0 <= getattr(settings, name) <= 3600:
             raise ConfigError(f"server.{name}: must be between 0 and 3600 seconds")
+    if not 0 <= settings.metrics_port < 65536:
+        raise ConfigError(f"server.metrics_port: {settings.metrics_port} is not a TCP port "
+                          "(1-65535, or 0 for no metrics listener)")
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
     seen: dict[str, str] = {}

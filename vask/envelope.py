@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 
 import orjson
 
+from vask.metrics import valid_snapshot
+
 ENVELOPE_VERSION = 2
 
 
@@ -264,12 +266,26 @@ class Reply(Verb):
     body: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Stats(Verb):
+    """Worker -> broker, with every heartbeat: the worker's cumulative metrics
+    (:meth:`vask.metrics.WorkerMetrics.snapshot`), summed by the broker for /metrics.
+
+    A verb of its own rather than a field of :class:`Heartbeat`: a broker of an older
+    release drops an unknown verb (and counts it) but would drop a heartbeat with an
+    extra field, and then purge the worker for silence."""
+
+    VERB = b"STATS"
+    epoch: int
+    stats: dict[str, Any]
+
+
 VERBS: dict[bytes, type[Verb]] = {
     cls.VERB: cls
     for cls in (
         Hello, Welcome, Heartbeat, Resync, Synced, Recovered, Bye, ConnOpen, ConnClose, Subscribe,
         Unsubscribe, SignIn, Publish, Deliver, DeliverTo, Terminate, TerminateUser, Query,
-        Reply,
+        Reply, Stats,
     )
 }
 
@@ -339,6 +355,10 @@ def _payload(value: object) -> bool:
     return type(value) is bytes
 
 
+def _snapshot(value: object) -> bool:
+    return valid_snapshot(value)
+
+
 _Check = Callable[[object], bool]
 _WHAT: dict[_Check, str] = {
     _name: f"a non-empty string of at most {MAX_NAME_LENGTH} characters",
@@ -351,6 +371,7 @@ _WHAT: dict[_Check, str] = {
     _object: "a JSON object",
     _member: "null or [user_id, user_info] with a non-empty string user_id",
     _payload: "bytes",
+    _snapshot: "a metrics snapshot (see vask.metrics)",
 }
 
 #: one check per field, in declaration order (the payload field included)
@@ -374,6 +395,7 @@ _CHECKS: dict[type[Verb], tuple[_Check, ...]] = {
     TerminateUser: (_name, _name, _count),
     Query: (_count, _name, _name, _object),
     Reply: (_count, _object),
+    Stats: (_count, _snapshot),
 }
 assert _CHECKS.keys() == _FIELDS.keys()
 assert all(len(_CHECKS[cls]) == len(_FIELDS[cls]) for cls in _CHECKS)

@@ -62,6 +62,7 @@ from vask import frames
 from vask.channels import ChannelKind, kind_of, name_problem, user_channel
 from vask.config import App
 from vask.envelope import Publish, SignIn, Subscribe, Unsubscribe, Verb
+from vask.metrics import rejections
 from vask.signing import channel_string, sign, user_string, verify_auth
 
 MAX_USER_ID_LENGTH = 128
@@ -250,6 +251,7 @@ class PusherSession:
         # len() first: the exact count (which builds the user channel name) is only
         # needed near the limit.
         if limit and len(self.subscriptions) >= limit and self.channel_count() >= limit:
+            rejections["channels_per_connection"] += 1
             return [Send(frames.subscription_error(
                 channel, "LimitReached",
                 f"Too many channels on one connection: at most {limit}", 4301))]
@@ -398,6 +400,7 @@ class PusherSession:
             self.refused_since = now
             self.refused_count = 0
         self.refused_count += 1
+        rejections["subscription_rate"] += 1
         if self.refused_count > rate:
             return [Close(SUBSCRIPTION_FLOOD_CLOSE,
                           "Subscription rate limit exceeded; reconnect later")]
@@ -506,6 +509,7 @@ class PusherSession:
         data = message.get("data")
         size = len(data.encode()) if isinstance(data, str) else len(orjson.dumps(data))
         if size > app.max_event_payload_bytes:
+            rejections["client_event_size"] += 1
             return [Send(frames.error(
                 4301, f"Client event data is larger than {app.max_event_payload_kb:g} KB", where))]
         second = int(now)
@@ -514,6 +518,7 @@ class PusherSession:
             self.rate_count = 0
         self.rate_count += 1
         if self.rate_count > app.max_client_events_per_second:
+            rejections["client_event_rate"] += 1
             return [Send(frames.error(4301, "Client event rejected due to rate limit", where))]
         payload = frames.event(event, where, data, member or None)
         # Client events go to this worker's subscribers at once and through the broker

@@ -138,6 +138,7 @@ class Admission:
         self.next_socket += 1
         conn.socket_id = socket_id
         conn.app_id = app.id
+        conn.stats = worker.metrics.app(app.id)
         if not app.max_connections:
             # No quota: the broker learns of the connection from its first subscribe or
             # sign-in (a connection that does neither costs the broker nothing).
@@ -152,6 +153,7 @@ class Admission:
             if body is None:
                 conn.close(4100, "Over capacity: the cluster did not answer; retry later")
             elif not body.get("ok"):
+                worker.counters["reject_connection_quota"] += 1
                 conn.close(4004, "Application is over connection quota")
             else:
                 self._established(conn, app)
@@ -163,6 +165,9 @@ class Admission:
         # after a quota check the app may have been reloaded meanwhile (same key)
         app = self.apps_by_key.get(app.key, app)
         conn.phase = OPEN
+        stats = conn.stats
+        stats.connected += 1
+        stats.new_connections += 1
         conn.session = PusherSession(app, conn.socket_id)
         self.worker.by_socket_id[conn.socket_id] = conn
         conn.send(frames.connection_established(conn.socket_id,

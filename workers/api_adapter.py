@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vask.config import Settings
 from vask.envelope import Publish, Query, TerminateUser
+from vask.metrics import AppStats
 from vask.workers.broker_link import BrokerUnavailable
 from vask.workers.http import http_response
 from vask.workers.http_api import ApiRequest, ApiResponse, accept_api
@@ -33,6 +34,14 @@ class ApiAdapter:
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        metrics = worker.metrics
+        #: the path segment of /apps/{app}/... (an app's id or key) -> its counters;
+        #: requests naming no configured app are not counted per app (no label for
+        #: whatever a client puts in the path)
+        self.stats_by_segment: dict[str, AppStats] = {}
+        for app in worker.settings.apps:
+            self.stats_by_segment[app.id] = self.stats_by_segment[app.key] = \
+                metrics.app(app.id)
 
     @property
     def settings(self) -> Settings:
@@ -83,6 +92,7 @@ class ApiAdapter:
             headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers},
             body=body,
         )
+        began = time.monotonic()
         accepted = accept_api(request, self)
         if isinstance(accepted, ApiResponse):
             response = accepted
@@ -92,4 +102,30 @@ class ApiAdapter:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(caught_up.wait(), BACKPRESSURE_WAIT)
             response = await accepted.run()
-        return http_response(response.status, response.body, keep_alive, response.headers)
+            if response.status == 200 and path.endswith("events"):
+                # The broker sends a publish's deliveries before its answer, so they
+                # came in the same drain or an earlier one; that drain's corked writes
+                # are flushed by a callback already queued, so this one runs after
+                # them: it sees the event written to this worker's own subscribers.
+                asyncio.get_running_loop().call_soon(self._written, began)
+        out = http_response(response.status, response.body, keep_alive, response.headers)
+        self._count(path, headers, query, body, out)
+        return out
+
+    def _written(self, began: float) -> None:
+        self.worker.metrics.publish_write.observe(time.monotonic() - began)
+
+    def _count(self, path: str, headers: list[tuple[bytes, bytes]], query: str, body: bytes,
+               out: bytes) -> None:
+        """Count one call into its app's HTTP figures (request bytes: target, headers
+        and body as parsed, which is the request less its framing)."""
+        parts = path.split("/", 3)
+        if len(parts) < 3 or parts[1] != "apps":
+            return
+        stats = self.stats_by_segment.get(parts[2])
+        if stats is None:
+            return
+        stats.http_calls += 1
+        stats.http_bytes_in += len(path) + len(query) + len(body) + \
+            sum(len(name) + len(value) + 4 for name, value in headers)
+        stats.http_bytes_out += len(out)

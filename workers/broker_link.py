@@ -42,10 +42,12 @@ from vask.envelope import (
     Recovered,
     Reply,
     Resync,
+    Stats,
     Synced,
     Verb,
     Welcome,
 )
+from vask.metrics import WorkerMetrics
 
 log = logging.getLogger("vask.worker")
 
@@ -77,6 +79,7 @@ class BrokerLink:
         on_welcome: Callable[[bool], None],
         on_batch: Callable[[bool], None] = lambda corked: None,
         on_recovered: Callable[[], None] = lambda: None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.endpoint = endpoint
@@ -95,8 +98,10 @@ class BrokerLink:
         #: (0: none since our hello)
         self.sent_seq = 0
         self.heard_seq = 0
-        #: named event counts (gaps, drops, resyncs); merged into the worker's
-        self.counters: dict[str, int] = {"link_gaps": 0, "link_drops": 0, "resyncs": 0}
+        #: the worker's metrics registry: the link counts its gaps, drops and resyncs
+        #: (``counters``) and the round trip of every request (``round_trips``)
+        self.metrics = metrics if metrics is not None else WorkerMetrics([])
+        self.counters: dict[str, int] = self.metrics.link
         #: clear while messages from the broker wait beyond one loop turn's share
         #: (the worker is behind on deliveries); the HTTP API waits on it before
         #: accepting more publishes, which is the publishers' back-pressure
@@ -121,8 +126,8 @@ class BrokerLink:
         self.broker_epoch = 0
         self.last_heard = 0.0
         self.next_rid = 1
-        #: rid -> (callback, deadline on the monotonic clock)
-        self.pending: dict[int, tuple[ReplyCallback, float]] = {}
+        #: rid -> (callback, deadline, time sent), both on the monotonic clock
+        self.pending: dict[int, tuple[ReplyCallback, float, float]] = {}
         self.drain_scheduled = False
         self.outbox: list[list[bytes]] = []
         self.closed = False
@@ -159,11 +164,14 @@ class BrokerLink:
 
     def _fail_pending(self) -> None:
         pending, self.pending = self.pending, {}
-        for callback, _ in pending.values():
+        for callback, _, _ in pending.values():
             callback(None)
 
     def _beat(self) -> None:
         self.send(Heartbeat(self.epoch))
+        if self.welcomed:
+            # cumulative figures: one lost on the way is made good by the next
+            self.send(Stats(self.epoch, self.metrics.snapshot()))
         if not self.welcomed:
             self.say_hello()  # also retries a hello the broker never got
         elif time.monotonic() - self.last_heard > self.settings.heartbeat_timeout:
@@ -174,6 +182,7 @@ class BrokerLink:
     def close(self) -> None:
         """Say goodbye (the broker purges our connections at once) and close."""
         if self.welcomed and not self.closed:
+            self.send(Stats(self.epoch, self.metrics.snapshot()))  # the final figures
             self.send(Bye(self.name))
             self.flush()
         self.closed = True
@@ -226,7 +235,8 @@ class BrokerLink:
         rid = self.next_rid
         self.next_rid += 1
         wait = timeout if timeout is not None else self.settings.broker_timeout
-        self.pending[rid] = (callback, time.monotonic() + wait)
+        now = time.monotonic()
+        self.pending[rid] = (callback, now + wait, now)
         self.send(make(rid))
 
     async def ask(self, make: Callable[[int], Verb],
@@ -247,9 +257,9 @@ class BrokerLink:
     def _expire_overdue(self, now: float) -> None:
         """Answer ``None`` to requests past their deadline (checked once a heartbeat
         interval, so a timeout may fire up to that much late)."""
-        overdue = [rid for rid, (_, deadline) in self.pending.items() if deadline <= now]
+        overdue = [rid for rid, (_, deadline, _) in self.pending.items() if deadline <= now]
         for rid in overdue:
-            callback, _ = self.pending.pop(rid)
+            callback = self.pending.pop(rid)[0]
             callback(None)
 
     # --- receiving ------------------------------------------------------------------
@@ -322,6 +332,7 @@ class BrokerLink:
         if isinstance(message, Reply):
             entry = self.pending.pop(message.rid, None)
             if entry is not None:
+                self.metrics.round_trips.observe(time.monotonic() - entry[2])
                 entry[0](message.body)
         elif isinstance(message, Heartbeat):
             if self.welcomed and message.epoch != self.broker_epoch:

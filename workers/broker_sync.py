@@ -103,12 +103,17 @@ class BrokerSync:
                         rosters.observe(key, m.payload)
                 data = text_frame(message.payload) if len(run) == 1 else \
                     b"".join([text_frame(m.payload) for m in run])
-                fan_out(message.app, message.channel, message.exclude, data)
+                fan_out(message.app, message.channel, message.exclude, data, len(run))
             elif isinstance(message, DeliverTo):
                 frame = text_frame(message.payload)
+                size = len(frame)
                 for socket_id in message.socket_ids:
                     conn = by_socket_id.get(socket_id)
                     if conn is not None:
+                        stats = conn.stats
+                        stats.deliveries += 1
+                        stats.ws_messages_out += 1
+                        stats.ws_bytes_out += size
                         conn.queue(frame)
             elif isinstance(message, Terminate):
                 for socket_id in message.socket_ids:
@@ -185,6 +190,9 @@ class BrokerSync:
                 worker.link.send(ConnClose(conn.app_id, conn.socket_id))
             return
         conn.session = None
+        stats = conn.stats
+        stats.connected -= 1
+        stats.new_disconnections += 1
         worker.by_socket_id.pop(session.socket_id, None)
         bind = worker.index.bind
         for channel in session.local_channels():

@@ -69,6 +69,7 @@ from vask.api_rules import (
 from vask.channels import kind_of
 from vask.config import App, Settings
 from vask.envelope import Publish, TerminateUser
+from vask.metrics import rejections
 from vask.workers.broker_link import BrokerUnavailable
 
 __all__ = [
@@ -207,6 +208,7 @@ def _charge(call: _Call, cost: int) -> None:
         bucket = _buckets[call.app.id] = TokenBucket.full(float(rate), now)
     wait = bucket.take(cost, now)
     if wait > 0:
+        rejections["backend_rate"] += 1
         seconds = retry_after_seconds(wait)
         raise ApiError(
             429,

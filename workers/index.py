@@ -54,8 +54,10 @@ class ChannelIndex:
             self.confirmed.discard(key)
             self.rosters.left(key)
 
-    def fan_out(self, app_id: str, channel: str, exclude: str, data: bytes) -> None:
-        """Write ``data`` (complete frames) to every local subscriber but ``exclude``.
+    def fan_out(self, app_id: str, channel: str, exclude: str, data: bytes,
+                frames: int = 1) -> None:
+        """Write ``data`` (``frames`` complete frames) to every local subscriber but
+        ``exclude``.
 
         The hot path of a publish: the same bytes go to each connection through its
         :meth:`~vask.workers.outbound.Outbound.write` (so flow control and the hard
@@ -63,21 +65,34 @@ class ChannelIndex:
         them appended there instead, to keep its order. During a broker drain everything
         is corked and leaves in one write per connection after it (a burst of presence
         joins or events: one syscall per member, not per event).
+
+        Counting costs nothing per subscriber: every target is a connection of the same
+        app, so the app's counters get the whole fan-out in three additions at the end.
         """
         targets = self.channels.get((app_id, channel))
         if targets is None:
             return
         if type(targets) is not set:
             targets = (targets,)  # type: ignore[assignment]
+        skipped = 0
         if self.corker.corked:
             for conn in targets:  # type: ignore[union-attr]
                 if conn.socket_id != exclude:
                     conn.queue(data)
-            return
-        for conn in targets:  # type: ignore[union-attr]
-            if conn.socket_id == exclude:
-                continue
-            if conn.out is not None:
-                conn.queue(data)
-            else:
-                conn.write(data)
+                else:
+                    skipped = 1
+        else:
+            for conn in targets:  # type: ignore[union-attr]
+                if conn.socket_id == exclude:
+                    skipped = 1
+                    continue
+                if conn.out is not None:
+                    conn.queue(data)
+                else:
+                    conn.write(data)
+        sent = len(targets) - skipped  # type: ignore[arg-type]
+        if sent:
+            stats = conn.stats
+            stats.deliveries += sent * frames
+            stats.ws_messages_out += sent * frames
+            stats.ws_bytes_out += sent * len(data)

@@ -35,6 +35,7 @@ import orjson
 from websockets.server import ServerProtocol
 
 from vask.config import Settings
+from vask.metrics import WorkerMetrics
 from vask.process import STARTUP_FAILURE, die_with_parent
 from vask.reload import app_verdict, read_settings_file
 from vask.workers.admission import Admission
@@ -72,8 +73,10 @@ class Worker:
         self.ws_pool: list[ServerProtocol] = []
         self.clock = time.monotonic()
         self.wall = time.time()
-        #: named event counts (refusals, cuts); read by tests and, later, metrics
-        self.counters: Counter[str] = Counter()
+        #: every figure this worker counts, sent to the broker with each heartbeat
+        #: (vask.metrics); ``counters`` holds its named rare events (refusals, cuts)
+        self.metrics = WorkerMetrics([app.id for app in settings.apps])
+        self.counters: Counter[str] = self.metrics.events
         # Corked bytes of one turn, all connections together: past this they are written at
         # once (a turn's pongs to a ping flood, a drain's deliveries to many subscribers).
         self.corker = Corker(self.loop, settings.write_buffer_limit)
@@ -82,7 +85,8 @@ class Worker:
         self.sync = BrokerSync(self)
         self.admission = Admission(self)
         self.link = BrokerLink(settings, endpoint, slot, self.sync.on_messages,
-                               self.sync.on_welcome, self.corker.cork, self.sync.converge)
+                               self.sync.on_welcome, self.corker.cork, self.sync.converge,
+                               metrics=self.metrics)
         self.welcomed = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
         self.stopping = False

@@ -25,6 +25,7 @@ from websockets.server import ServerProtocol
 
 from vask import frames
 from vask.envelope import Publish
+from vask.metrics import AppStats
 from vask.session import Ask, Bind, Close, PusherSession, Send, Tell
 from vask.workers.outbound import Outbound
 from vask.workers.wsframe import text_frame
@@ -58,6 +59,7 @@ class PusherConnection(Outbound):
         "registered",
         "session",
         "socket_id",
+        "stats",
         "ws",
     )
 
@@ -78,6 +80,9 @@ class PusherConnection(Outbound):
         self.closing_since = 0.0
         self.fragments: list[bytes] | None = None
         self.fragments_size = 0
+        #: the app's counters on this worker (set on admission; until then a slot that
+        #: is not exported), so counting traffic is an attribute increment
+        self.stats: AppStats = worker.metrics.unknown
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -90,6 +95,7 @@ class PusherConnection(Outbound):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        self.stats.ws_bytes_in += len(data)
         self.last_seen = self.worker.clock
         self.ping_sent = 0.0
         ws = self.protocol()
@@ -174,6 +180,7 @@ class PusherConnection(Outbound):
         self.send(frames.error(None, "Binary frames are not supported: send JSON text frames"))
 
     def _text(self, text: bytes | bytearray | memoryview) -> None:
+        self.stats.ws_messages_in += 1
         session = self.session
         if session is None or self.phase != OPEN:
             return  # nothing is accepted before connection_established
@@ -189,6 +196,7 @@ class PusherConnection(Outbound):
                 self.registered = True
                 message = action.message
                 if isinstance(message, Publish) and message.local_first:
+                    self.stats.client_events += 1
                     worker.index.fan_out(message.app, message.channel, message.exclude,
                                          text_frame(message.payload))
                 worker.link.send(message)
@@ -220,7 +228,11 @@ class PusherConnection(Outbound):
     def send(self, payload: bytes) -> None:
         """Queue one Pusher message (JSON bytes) as a text frame, corked until the end
         of this loop turn."""
-        self.queue(self.worker.corker.frame(payload))
+        frame = self.worker.corker.frame(payload)
+        stats = self.stats
+        stats.ws_messages_out += 1
+        stats.ws_bytes_out += len(frame)
+        self.queue(frame)
 
     def close(self, code: int, reason: str) -> None:
         """Send ``pusher:error`` {code, reason}, then a close frame with the same code."""
