@@ -262,7 +262,7 @@ class Broker:
         self.settings = new
         # Connections of removed apps stay in the state until their workers close them
         # (they do, on the same reload); lookups of a missing app find nothing.
-        self.state.apps = {app.id: app for app in new.apps}
+        self.state.set_apps(new.apps)
         logging.getLogger().setLevel(new.log_level.upper())
         log.info("configuration reloaded (%d apps)", len(new.apps))
 

@@ -133,7 +133,7 @@ class ClusterState:
         self.syncing: set[bytes] = set()
         #: the time of the message being handled (set by the broker loop)
         self.now = 0.0
-        self.apps: dict[str, App] = {app.id: app for app in settings.apps}
+        self.apps: dict[str, App] = {}
         self.workers: dict[bytes, WorkerInfo] = {}
         self.sockets: dict[tuple[str, str], SocketInfo] = {}
         self.channels: dict[tuple[str, str], ChannelState] = {}
@@ -150,12 +150,18 @@ class ClusterState:
         #: wall-clock milliseconds of the message being handled (webhook ``time_ms``)
         self.wall_ms = 0
         #: per app, the webhook event names at least one of its endpoints wants
-        self.hook_events: dict[str, frozenset[str]] = {
-            app.id: frozenset(name for hook in app.webhooks for name in hook.event_types)
-            for app in settings.apps}
+        self.hook_events: dict[str, frozenset[str]] = {}
+        self.set_apps(settings.apps)
         #: cache channels that produced a cache_miss webhook since they were last
         #: written or vacated: one webhook per empty channel, not one per subscriber
         self.cache_missed: set[tuple[str, str]] = set()
+
+    def set_apps(self, apps: Iterable[App]) -> None:
+        """The apps (at start, and again on a reload)."""
+        self.apps = {app.id: app for app in apps}
+        self.hook_events = {
+            app.id: frozenset(name for hook in app.webhooks for name in hook.event_types)
+            for app in self.apps.values()}
 
     # --- workers ------------------------------------------------------------------
 

@@ -118,8 +118,10 @@ class Supervisor:
         self.own_broker = not settings.broker  # else workers join an external broker
         #: the broker's link to the webhook sender ("" = no sender: no app has webhooks,
         #: or the broker is external and runs its own sender)
+        #: the own broker's link to the webhook sender (even while no app has webhooks:
+        #: a reload may add some; the sender itself runs only while one has)
         self.webhook_endpoint = f"ipc://{self.runtime_dir}/webhooks.sock" \
-            if self.own_broker and wants_webhooks(settings) else ""
+            if self.own_broker else ""
         self.shards: list[socket.socket] = []
         self.children: list[Child] = []
         self.wake_r, self.wake_w = os.pipe()
@@ -163,7 +165,7 @@ class Supervisor:
         signal.set_wakeup_fd(self.wake_w)
         if self.own_broker:
             self.children.append(Child("broker", -1))
-        if self.webhook_endpoint:
+        if self.webhook_endpoint and wants_webhooks(s):
             self.children.append(Child("webhooks", -2))
         self.children += [Child("worker", i) for i in range(s.workers)]
         # Children share the supervisor's heap copy-on-write; keep the collector from
@@ -292,9 +294,10 @@ class Supervisor:
             return
         for line in changes:
             log.info("reload: %s", line)
-        self.settings = new  # what children started from now on are forked with
+        old, self.settings = self.settings, new  # children started from now on get it
         logging.getLogger().setLevel(new.log_level.upper())
         write_settings_file(self.settings_path, new)
+        self._reload_sender(old, new)
         processes = [c.process for c in self.children if c.process is not None]
         if self.incoming is not None and self.incoming.process is not None:
             processes.append(self.incoming.process)
@@ -302,6 +305,32 @@ class Supervisor:
             if process.pid and process.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGHUP)
+
+    def _reload_sender(self, old: Settings, new: Settings) -> None:
+        """The webhook sender reads its settings once: start it when the first app
+        gets webhooks, stop it when the last loses them, and restart it when what it
+        uses changed. Its queue is on disk and the broker re-sends what it has not
+        acknowledged, so a restart loses nothing."""
+        if not self.webhook_endpoint:
+            return
+        child = next((c for c in self.children if c.role == "webhooks"), None)
+        if not wants_webhooks(new):
+            if child is not None:
+                self.children.remove(child)
+                if child.process is not None:
+                    _terminate([child.process], 5.0)
+                log.info("reload: no app has webhooks any more; webhook sender stopped")
+            return
+        if child is None:
+            child = Child("webhooks", -2)
+            self.children.append(child)
+            self._spawn(child)
+            log.info("reload: webhook sender started")
+        elif _sender_view(old) != _sender_view(new) and child.process is not None:
+            _terminate([child.process], 5.0)
+            child.process = None
+            self._spawn(child)
+            log.info("reload: webhook sender restarted with the new configuration")
 
     # --- rolling restart ------------------------------------------------------------
 
@@ -501,6 +530,14 @@ def _child_setup(role: str, settings: Settings) -> None:
         signal.signal(signum, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     setup_logging(settings.log_level, role)
+
+
+def _sender_view(settings: Settings) -> tuple[object, ...]:
+    """What the webhook sender uses of the settings (a change restarts it)."""
+    apps = tuple((a.id, a.key, a.secret, a.webhooks, a.webhook_batch_max_events,
+                  a.webhook_batch_max_wait, a.webhook_leave_delay) for a in settings.apps)
+    return (apps, settings.webhook_timeout, settings.webhook_retry_window,
+            settings.log_level)
 
 
 def webhook_store(settings: Settings, name: str) -> Path:

@@ -271,3 +271,39 @@ def test_a_full_restart_with_the_receiver_down_loses_nothing(receiver: Receiver,
         # the vacated webhooks of the clients closed by the stop came through too
         receiver.wait(of("channel_vacated", "private-restart"), timeout=30)
     assert first_occurrences(numbers(receiver, "private-restart")) == list(range(count))
+
+
+def test_a_reload_starts_restarts_and_stops_the_sender(receiver: Receiver) -> None:
+    """SIGHUP: webhooks added to a running server start the sender; a new URL restarts
+    it (the new receiver gets the events from then on); removing them stops it."""
+    no_hooks = config(receiver.url).split("[[apps.webhooks]]")[0]
+
+    def reload(server: Server, text: str, wanted: str) -> None:
+        before = server.log().count(wanted)
+        (server.log_path.parent / "vask.toml").write_text(text)
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while server.log().count(wanted) <= before:
+            assert time.monotonic() < deadline, f"no {wanted!r} in the log"
+            time.sleep(0.05)
+
+    async def occupy(server: Server, channel: str) -> None:
+        client = await PusherClient.connect(server.ws_url)
+        try:
+            await client.subscribe(channel)
+        finally:
+            await client.close()
+
+    with receiving() as second, run_vask(workers=2, config=no_hooks) as server:
+        assert [p for p in server.children() if process_name(p) == "vask-webhooks"] == []
+        reload(server, config(receiver.url), "webhook sender started")
+        sender_pid(server)
+        asyncio.run(occupy(server, "first"))
+        receiver.wait(of("channel_occupied", "first"))
+        reload(server, config(second.url), "webhook sender restarted")
+        asyncio.run(occupy(server, "second"))
+        second.wait(of("channel_occupied", "second"))
+        assert receiver.events(of("channel_occupied", "second")) == []
+        reload(server, no_hooks, "webhook sender stopped")
+        assert [p for p in server.children() if process_name(p) == "vask-webhooks"] == []
+        assert second.invalid == []
