@@ -35,7 +35,7 @@ from vask.config import App, Settings, Webhook, settings_to_dict
 from vask.webhooks import core
 from vask.webhooks.sender import COUNTERS, serve
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 #: (status, extra headers, seconds to wait before answering)
 Answer = tuple[int, dict[str, str], float]
@@ -189,7 +189,7 @@ def make_settings(url: str, **app: Any) -> Settings:
     values: dict[str, Any] = {"webhook_batch_max_wait": 0.01, "webhook_leave_delay": 0.2,
                               **app}
     return Settings(apps=(App(id="1", key=KEY, secret=SECRET, webhooks=(hook,), **values),),
-                    webhook_timeout=2.0, webhook_retry_window=30.0)
+                    webhook_timeout=10.0, webhook_retry_window=60.0)
 
 
 def now_ms() -> int:
@@ -238,8 +238,8 @@ async def running(tmp_path: Path, change: Callable[[Settings], Settings] = lambd
         await receiver.close()
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(test(), timeout=90))
+def run(test: Callable[[], Awaitable[None]], timeout: float = 120.0) -> None:
+    asyncio.run(asyncio.wait_for(test(), timeout=timeout))
 
 
 def test_events_are_delivered_signed_with_the_right_headers(tmp_path: Path) -> None:
@@ -311,16 +311,18 @@ def test_a_4xx_is_not_retried_and_frees_its_channel(tmp_path: Path) -> None:
 
 def test_a_timeout_is_retried(tmp_path: Path) -> None:
     async def test() -> None:
-        change = lambda s: replace(s, webhook_timeout=0.5)  # noqa: E731
+        change = lambda s: replace(s, webhook_timeout=1.0)  # noqa: E731
         async with running(tmp_path, change) as rig:
-            rig.receiver.answer = lambda n, body: (200, {}, 5.0 if n == 0 else 0.0)
+            rig.receiver.answer = lambda n, body: (200, {}, 30.0 if n == 0 else 0.0)
             rig.broker.send_events(1, [[1, "1", now_ms(), whisper("c", 1)]])
             await poll(lambda: len(rig.receiver.delivered()) == 1, what="delivered")
-            first, second = rig.receiver.attempts
-            assert second.at - first.at >= 0.45
-            assert first.body == second.body
+            # (on a very busy machine a retry may time out too: at least two attempts)
+            first, last = rig.receiver.attempts[0], rig.receiver.attempts[-1]
+            assert first.status <= 0  # not answered yet: the sender did not wait 30 s
+            assert last.at - first.at >= 0.95
+            assert first.body == last.body
             await poll(lambda: rig.counters().get("sent") == 1, what="stats")
-            assert rig.counters()["failed"] == 1
+            assert rig.counters()["failed"] == len(rig.receiver.attempts) - 1
 
     run(test)
 
@@ -343,7 +345,7 @@ def test_order_per_channel_holds_under_failures(tmp_path: Path) -> None:
     async def test() -> None:
         channels = ["a", "b", "c", "d"]
         async with running(tmp_path, webhook_batch_max_events=3) as rig:
-            rig.receiver.answer = lambda n, body: (500 if n % 3 == 0 else 200, {}, 0.02)
+            rig.receiver.answer = lambda n, body: (500 if n % 3 == 0 else 200, {}, 0.1)
             seq = 0
             for round_ in range(4):
                 batch = []
@@ -466,23 +468,24 @@ def test_a_killed_sender_delivers_everything_after_a_restart(tmp_path: Path) -> 
         log = tmp_path / "sender.log"
         try:
             first = start(settings, log)
-            await poll(lambda: broker.peer is not None, what="first hello")
+            await poll(lambda: broker.peer is not None, timeout=60, what="first hello")
             events = [[n + 1, "1", now_ms(), whisper(f"c{n % 5}", n)] for n in range(50)]
             events.append([51, "1", now_ms(), {"name": "member_removed",
                                                "channel": "presence-p", "user_id": "9"}])
             broker.send_events(3, events)
-            await poll(lambda: broker.acked(3, 51), what="ack of all 51")
-            await poll(lambda: len(receiver.attempts) == 2, what="2 requests in flight")
+            await poll(lambda: broker.acked(3, 51), timeout=60, what="ack of all 51")
+            await poll(lambda: len(receiver.attempts) == 2, timeout=60,
+                       what="2 requests in flight")
             os.kill(first.pid, signal.SIGKILL)
             first.wait(timeout=10)
 
             hang = False
             broker.peer = None
             second = start(settings, log)
-            await poll(lambda: broker.peer is not None, what="second hello")
+            await poll(lambda: broker.peer is not None, timeout=60, what="second hello")
             # Nothing is re-sent by the broker: it all comes from the store.
             await poll(lambda: len({orjson.dumps(e) for e in receiver.delivered()}) == 51,
-                       timeout=30, what="all 51 delivered")
+                       timeout=60, what="all 51 delivered")
             delivered = receiver.delivered()
             for channel in range(5):
                 got = numbers(delivered, f"c{channel}")
@@ -490,7 +493,7 @@ def test_a_killed_sender_delivers_everything_after_a_restart(tmp_path: Path) -> 
                 firsts = list(dict.fromkeys(got))
                 assert firsts == sorted(firsts)
             second.send_signal(signal.SIGTERM)
-            assert second.wait(timeout=15) == 0
+            assert second.wait(timeout=30) == 0
             text = log.read_text()
             assert "queued items loaded" in text
             assert "0 queued items loaded" in text and "webhooks of app 1" in text
@@ -501,7 +504,7 @@ def test_a_killed_sender_delivers_everything_after_a_restart(tmp_path: Path) -> 
             await receiver.close()
 
     try:
-        run(test)
+        run(test, timeout=220)
     finally:
         for proc in procs:
             if proc.poll() is None:

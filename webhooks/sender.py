@@ -441,8 +441,8 @@ async def serve(settings: Settings, endpoint: str, store_path: Path,
         loaded = sender.load()
         for app in settings.apps:
             if app.webhooks:
-                log.info("webhooks of app %s: %s", app.id,
-                         ", ".join(hook.url for hook in app.webhooks))
+                log.info("webhooks of app %s: %s (queue %s)", app.id,
+                         ", ".join(hook.url for hook in app.webhooks), store_path)
         log.info("webhook queue %s: %d queued items loaded", store_path, loaded)
         link = BrokerLink(endpoint, sender.on_events)
         sender.send = link.send
