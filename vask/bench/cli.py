@@ -229,6 +229,22 @@ KEY_METRICS: dict[str, list[tuple[str, bool]]] = {
 }
 
 
+# The webhooks scenario: webhook throughput, latency and cost, and what the churn (with
+# its webhooks) costs a concurrent fan-out.
+KEY_METRICS["webhooks"] = [
+    ("webhook_events_per_s", True),
+    ("occupied_latency_ms.p50", False),
+    ("occupied_latency_ms.p99", False),
+    ("vacated_latency_ms.p50", False),
+    ("vacated_latency_ms.p99", False),
+    ("server_cpu_s_per_thousand_events", False),
+    ("churn_server_cpu_pct_of_core", False),
+    ("fanout_quiet_deliveries_per_s", True),
+    ("fanout_churn_deliveries_per_s", True),
+    ("fanout_churn_ratio", True),
+]
+
+
 def _get(metrics: dict[str, Any], path: str) -> float:
     v: Any = metrics
     for part in path.split("."):
@@ -325,3 +341,42 @@ def _num(v: float) -> str:
     if math.isnan(v):
         return "n/a"
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
+
+
+@bench.command()
+@target_options
+@click.option("--connections", "-c", type=click.IntRange(min=1), default=200,
+              show_default=True, help="Connections doing the channel churn.")
+@click.option("--rate", "-r", type=click.FloatRange(min=0, min_open=True), default=1000.0,
+              show_default=True, help="Channels occupied and vacated per second, in total.")
+@click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds of churn in the measured churn phase.")
+@click.option("--subscribers", "-s", type=click.IntRange(min=0), default=1000,
+              show_default=True, help="Fan-out subscribers (0: no fan-out phases).")
+@click.option("--events", "-e", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Events per fan-out phase (0: no fan-out phases).")
+@click.option("--inflight", "-k", type=click.IntRange(min=1), default=8, show_default=True,
+              help="HTTP trigger requests in flight during fan-out.")
+@click.option("--leave-delay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="webhook_leave_delay written into {webhook_config}; subtracted from the "
+              "vacated latency.")
+@click.option("--churn-procs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Load-generator processes sending the churn.")
+@click.option("--no-check-webhooks", is_flag=True,
+              help="Do not require every webhook event (for servers without webhooks).")
+def webhooks(**kw: Any) -> None:
+    """Channel churn with occupied/vacated webhooks, and its cost to a concurrent fan-out.
+
+    The bench runs the webhook receiver itself. In --server-cmd, {webhook_url} is its
+    URL and {webhook_config} a Vask config file with the app and that endpoint.
+    """
+    from vask.bench.webhooks import WebhookParams, run_webhooks
+
+    t, c, as_json = _split(kw)
+    p = WebhookParams(
+        connections=kw["connections"], rate=kw["rate"], duration=kw["duration"],
+        subscribers=kw["subscribers"], events=kw["events"], inflight=kw["inflight"],
+        leave_delay=kw["leave_delay"], check_webhooks=not kw["no_check_webhooks"],
+        churn_procs=kw["churn_procs"],
+    )
+    _run(lambda: run_webhooks(t, c, p), as_json)

@@ -481,6 +481,23 @@ class Worker:
         if not self.done.done():
             self.done.set_result(None)
 
+    # --- the webhooks scenario (vask.bench.webhooks) -------------------------
+    churn_stopped: bool = False
+
+    async def cmd_churn(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Occupy and vacate fresh channels on the connections sitting on ``home``."""
+        from vask.bench.webhooks import churn_channels
+
+        self.churn_stopped = False
+        conns = [c for c in self.conns
+                 if c.channel == args["home"] and c.subscribed and not c.closed]
+        return await churn_channels(conns, args["rate"], args["duration"],
+                                    args.get("offset", 0.0), lambda: self.churn_stopped)
+
+    async def cmd_churn_stop(self, args: dict[str, Any]) -> None:
+        """End an open-ended churn (its own command then answers)."""
+        self.churn_stopped = True
+
 
 async def _serve(pipe: Connection, cfg: dict[str, Any]) -> None:
     w = Worker(pipe, cfg)
