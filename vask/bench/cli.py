@@ -242,6 +242,7 @@ KEY_METRICS["webhooks"] = [
     ("fanout_quiet_deliveries_per_s", True),
     ("fanout_churn_deliveries_per_s", True),
     ("fanout_churn_ratio", True),
+    ("fanout_churn_server_cpu_s_per_million", False),
 ]
 
 
