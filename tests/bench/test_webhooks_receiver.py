@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
+from vask.bench.server import free_port
 from vask.bench.webhooks import Receiver, Tally, latency_of, signature_ok, stamp_of
 
 KEY = "app-key"
@@ -110,12 +111,16 @@ def test_snapshot_mark_starts_a_phase_but_remembers_what_was_seen() -> None:
 
 
 @pytest.mark.timeout(90)
-def test_the_receiver_process_checks_and_counts_real_requests() -> None:
+@pytest.mark.parametrize("fixed", [False, True], ids=["free-port", "fixed-port"])
+def test_the_receiver_process_checks_and_counts_real_requests(fixed: bool) -> None:
+    port = free_port() if fixed else 0
+
     async def main() -> tuple[list[int], dict[str, object]]:
-        rx = Receiver("127.0.0.1", KEY, SECRET)
+        rx = Receiver("127.0.0.1", KEY, SECRET, port)
         try:
             await rx.start()
             assert 17000 <= rx.port <= 17999
+            assert rx.port == port or not fixed
             good = body(("channel_occupied", "wh-1-0-0"), ("channel_vacated", "wh-1-0-0"))
             statuses = []
             timeout = aiohttp.ClientTimeout(total=20)

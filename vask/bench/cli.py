@@ -365,6 +365,9 @@ def _num(v: float) -> str:
               help="Load-generator processes sending the churn.")
 @click.option("--no-check-webhooks", is_flag=True,
               help="Do not require every webhook event (for servers without webhooks).")
+@click.option("--receiver-port", type=click.IntRange(min=0, max=65535), default=0,
+              help="Fixed port for the webhook receiver (default: a free one in "
+              "17000-17999), for a server started outside the bench.")
 def webhooks(**kw: Any) -> None:
     """Channel churn with occupied/vacated webhooks, and its cost to a concurrent fan-out.
 
@@ -378,6 +381,6 @@ def webhooks(**kw: Any) -> None:
         connections=kw["connections"], rate=kw["rate"], duration=kw["duration"],
         subscribers=kw["subscribers"], events=kw["events"], inflight=kw["inflight"],
         leave_delay=kw["leave_delay"], check_webhooks=not kw["no_check_webhooks"],
-        churn_procs=kw["churn_procs"],
+        churn_procs=kw["churn_procs"], receiver_port=kw["receiver_port"],
     )
     _run(lambda: run_webhooks(t, c, p), as_json)

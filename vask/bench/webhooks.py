@@ -229,8 +229,9 @@ async def _receive(pipe: Connection, cfg: dict[str, Any]) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     port = 0
-    for _ in range(20):  # another process may take the port between the check and bind
-        port = free_port()
+    fixed = int(cfg.get("port") or 0)
+    for _ in range(1 if fixed else 20):  # a port may be taken between check and bind
+        port = fixed or free_port()
         try:
             await web.TCPSite(runner, cfg["host"], port).start()
             break
@@ -267,9 +268,9 @@ async def _receive(pipe: Connection, cfg: dict[str, Any]) -> None:
 class Receiver:
     """Parent-side handle on the receiver process: start, query, stop."""
 
-    def __init__(self, host: str, key: str, secret: str) -> None:
+    def __init__(self, host: str, key: str, secret: str, port: int = 0) -> None:
         self.host = host
-        self.cfg = {"host": host, "key": key, "secret": secret}
+        self.cfg: dict[str, Any] = {"host": host, "key": key, "secret": secret, "port": port}
         self.proc: BaseProcess | None = None
         self.pipe: Connection | None = None
         self.pid = 0
@@ -300,7 +301,8 @@ class Receiver:
         hello = await asyncio.to_thread(self._roundtrip, None, 60.0)
         self.pid, self.port = hello["pid"], hello["port"]
         if not self.port:
-            raise RuntimeError("the webhook receiver found no free port in 17000-17999")
+            raise RuntimeError(f"the webhook receiver could not listen on port "
+                               f"{self.cfg['port'] or 'any of 17000-17999'}")
 
     async def call(self, cmd: str, **args: Any) -> Any:
         """Send one command (``stats``, ``snapshot``, ``stop``) and return the answer."""
@@ -473,6 +475,8 @@ class WebhookParams:
     check_webhooks: bool = True
     churn_procs: int = 1
     warmup_events: int = 200
+    #: the receiver's port (0: a free one), for a server started outside the bench
+    receiver_port: int = 0
 
 
 async def _fanout(s: Session, target: Target, p: WebhookParams, events: int, label: str,
@@ -524,7 +528,7 @@ async def _drain(s: Session, rx: Receiver, want: int, stall: float, label: str) 
 
 async def run_webhooks(target: Target, common: Common, p: WebhookParams) -> dict[str, Any]:
     """Fan-out quiet, churn alone (webhook metrics), fan-out under churn; all checked."""
-    rx = Receiver(target.host, target.key, target.secret)
+    rx = Receiver(target.host, target.key, target.secret, p.receiver_port)
     tmp = tempfile.mkdtemp(prefix="vask-bench-webhooks-")
     try:
         await rx.start()
