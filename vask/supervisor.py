@@ -221,6 +221,7 @@ class Supervisor:
         """Workers first (they close clients with 4200), then the broker; nothing left."""
         workers = [c.process for c in self.children if c.role == "worker" and c.process]
         brokers = [c.process for c in self.children if c.role == "broker" and c.process]
+        log.info("stopping: %d worker(s), then the broker", len(workers))
         grace = self.settings.shutdown_grace + 2.0
         _terminate(workers, grace)
         _terminate(brokers, 3.0)
@@ -228,6 +229,7 @@ class Supervisor:
             sock.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         signal.set_wakeup_fd(-1)
+        log.info("stopped")
 
 
 def _terminate(processes: list[BaseProcess], grace: float) -> None:
@@ -250,7 +252,7 @@ def _child_setup(role: str, settings: Settings) -> None:
     # a SIGHUP to the process group is for the supervisor, not a reason for children to die
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
-    setup_logging(settings.log_level, role)
+    setup_logging(settings.log_level, role, settings.log_format)
 
 
 def _broker_main(settings: Settings, endpoint: str, parent: int, control_fd: int) -> None:

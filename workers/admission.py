@@ -7,6 +7,12 @@ TCP level (before any request is read; ``docs/security.md``):
   and close. 0 means automatic: the process's open-file limit minus ``FD_HEADROOM``, so
   the worker refuses politely before ``accept`` would fail for lack of descriptors;
 * more than ``max_connections_per_ip`` from one address on this worker -> HTTP 429.
+  A connection from one of the ``trusted_proxies`` is not counted at accept: its client
+  is named in ``X-Forwarded-For``, read with the WebSocket handshake, and counted then
+  (see :func:`forwarded_client`).
+
+Handshake level: an app with ``allowed_origins`` refuses a browser whose ``Origin`` is
+not on its list with HTTP 403 (:func:`origin_allowed`).
 
 WebSocket level (Pusher spec, close codes after one ``pusher:error``): 4005 bad path,
 4006 a ``protocol`` parameter that is not 1-3 ASCII digits, 4007 a version outside 4-7,
@@ -16,7 +22,9 @@ app's connection quota (asked of the broker, which counts cluster-wide).
 
 from __future__ import annotations
 
+import ipaddress
 import resource
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -69,6 +77,63 @@ def websocket_problem(target: str, apps_by_key: dict[str, App],
     return app
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(entries: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def forwarded_client(peer: str, forwarded_for: Sequence[bytes],
+                     networks: tuple[Network, ...]) -> str:
+    """The client address of a connection from ``peer``, a trusted proxy.
+
+    ``X-Forwarded-For`` lists addresses left to right, each proxy appending the one it
+    received from; anything left of the last trusted hop may have been written by the
+    client itself. So the answer is the right-most address that is not a trusted proxy
+    (or the left-most if all are). A malformed entry ends the walk: nothing left of it
+    is believed, and the last trusted hop before it answers.
+    """
+    hops = [hop.strip() for value in forwarded_for
+            for hop in value.decode("latin-1").split(",")]
+    client = peer
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return client
+        client = hop
+        if not _trusted(hop, networks):
+            return hop
+    return client
+
+
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a handshake's ``Origin`` is one of ``allowed`` (lower-case entries, each
+    an exact ``scheme://host[:port]`` or ``scheme://*.domain[:port]`` for any subdomain).
+    """
+    origin = origin.strip().lower()
+    for entry in allowed:
+        if origin == entry:
+            return True
+        scheme, _, host = entry.partition("://")
+        if host.startswith("*."):
+            prefix, suffix = scheme + "://", host[1:]
+            middle = origin[len(prefix):len(origin) - len(suffix)]
+            if (origin.startswith(prefix) and origin.endswith(suffix) and middle
+                    and not any(c in middle for c in "/:@")):
+                return True
+    return False
+
+
 def _query_value(query: str, name: str, default: str) -> str:
     """One parameter of a query string (cheaper than parsing all of it per connect)."""
     prefix = name + "="
@@ -82,7 +147,7 @@ class Admission:
     """Connection caps and the Pusher-level admission of a worker."""
 
     __slots__ = ("apps_by_key", "max_connections", "max_per_ip", "next_socket", "per_ip",
-                 "worker")
+                 "trusted", "worker")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -92,6 +157,7 @@ class Admission:
         self.max_per_ip = settings.max_connections_per_ip
         self.per_ip: dict[str, int] = {}
         self.next_socket = 1
+        self.trusted = trusted_networks(settings.trusted_proxies)
 
     # --- TCP level ------------------------------------------------------------------
 
@@ -103,11 +169,45 @@ class Admission:
             transport = conn.transport
             peer = transport.get_extra_info("peername") if transport is not None else None
             ip = peer[0] if isinstance(peer, tuple) and peer else "?"
-            count = self.per_ip.get(ip, 0)
-            if count >= self.max_per_ip:
-                return 429, "Too many connections from your address"
-            self.per_ip[ip] = count + 1
-            conn.peer = ip
+            if self.trusted and _trusted(ip, self.trusted):
+                return None  # counted as its real client at the handshake
+            return self._count(conn, ip)
+        return None
+
+    def _count(self, conn: HttpProtocol, ip: str) -> tuple[int, str] | None:
+        count = self.per_ip.get(ip, 0)
+        if count >= self.max_per_ip:
+            return 429, "Too many connections from your address"
+        self.per_ip[ip] = count + 1
+        conn.peer = ip
+        return None
+
+    def handshake(self, conn: HttpProtocol, target: str,
+                  headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+        """Checks of a WebSocket handshake that need its headers: the app's Origin
+        allow-list, and the per-address cap for a client behind a trusted proxy.
+        (status, message) if it must be refused."""
+        path = target.partition("?")[0]
+        app = self.apps_by_key.get(unquote(path[5:])) if path.startswith("/app/") else None
+        if app is not None and app.allowed_origins:
+            origin = next((v for n, v in headers if n.lower() == b"origin"), None)
+            # No Origin: not a browser. Any other client can send whatever Origin it
+            # likes, so the list protects browsers' users only, and they always send one.
+            if origin is not None and not origin_allowed(origin.decode("latin-1"),
+                                                         app.allowed_origins):
+                self.worker.counters["origin_refused"] += 1
+                return 403, (f"Origin {origin.decode('latin-1')!r} is not allowed to connect "
+                             f"to app {app.key!r} (see the app's allowed_origins)")
+        if self.trusted and conn.peer is None and conn.transport is not None:
+            peer = conn.transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) and peer else "?"
+            if _trusted(ip, self.trusted):
+                client = forwarded_client(
+                    ip, [v for n, v in headers if n.lower() == b"x-forwarded-for"],
+                    self.trusted)
+                if self.max_per_ip:
+                    return self._count(conn, client)
+                conn.peer = client
         return None
 
     def tcp_closed(self, peer: str | None) -> None:

@@ -372,8 +372,12 @@ class HttpProtocol(Outbound):
         if problem is not None:
             self.refuse(*problem)
             return
-        accept = accept_key(headers[b"sec-websocket-key"].decode("latin-1").strip())
         path = self.url.decode("latin-1")
+        refusal = self.worker.admission.handshake(self, path, self.headers)
+        if refusal is not None:
+            self.refuse(*refusal)
+            return
+        accept = accept_key(headers[b"sec-websocket-key"].decode("latin-1").strip())
         # From here on the connection is a PusherConnection; this object is dropped.
         self.parser = None
         self.url = b""

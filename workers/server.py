@@ -34,10 +34,11 @@ from vask.workers.admission import Admission
 from vask.workers.api_adapter import ApiAdapter
 from vask.workers.broker_link import BrokerLink
 from vask.workers.broker_sync import BrokerSync
-from vask.workers.http import HttpProtocol, Response, error_response, http_response
+from vask.workers.http import LINGER, HttpProtocol, Response, error_response, http_response
 from vask.workers.index import ChannelIndex
 from vask.workers.outbound import Corker
 from vask.workers.rosters import Rosters
+from vask.workers.tls import server_context
 from vask.workers.websocket import OPEN, OPENING, PusherConnection
 
 log = logging.getLogger("vask.worker")
@@ -74,6 +75,9 @@ class Worker:
         self.server: asyncio.AbstractServer | None = None
         self.stopping = False
         self.api: ApiAdapter | None = None
+        #: the TLS context connections are accepted with (None: plain TCP); the reload
+        #: path re-reads the certificate into it (vask.workers.tls.reload_context)
+        self.tls = server_context(settings)
 
     # --- clock and sweep ----------------------------------------------------------------
 
@@ -116,8 +120,15 @@ class Worker:
             log.error("worker %d: no broker answered at %s within %.0fs",
                       self.slot, self.link.endpoint, patience)
             raise SystemExit(STARTUP_FAILURE) from None
+        # With TLS, a handshake must complete within http_request_timeout, like a request
+        # head (the sweep cannot see a connection before its handshake ends: asyncio's
+        # own timer bounds it), and a closing TLS connection waits for the client's
+        # close_notify at most LINGER seconds, like the lingering close of plain HTTP.
+        tls = self.tls
         self.server = await self.loop.create_server(
-            lambda: HttpProtocol(self), sock=sock, backlog=4096)
+            lambda: HttpProtocol(self), sock=sock, backlog=4096, ssl=tls,
+            ssl_handshake_timeout=self.settings.http_request_timeout if tls else None,
+            ssl_shutdown_timeout=LINGER if tls else None)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, stop.set)
