@@ -322,7 +322,7 @@ def test_tls_wss_and_https_with_both_sdks(tmp_path: Path) -> None:
             if node.poll() is None:
                 node.kill()
                 node.wait(5)
-        lines = [line for line in ([json.dumps(first)] + out.splitlines()) if line.strip()]
+        lines = [line for line in (json.dumps(first), *out.splitlines()) if line.strip()]
         result: dict[str, Any] = json.loads(lines[-1])
         result["returncode"] = node.returncode
         result["stderr"] = err
