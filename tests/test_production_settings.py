@@ -17,7 +17,12 @@ from tests.tls_certs import make_ca, make_server_cert
 from vask.cli import main
 from vask.config import ConfigError, load_settings, settings_from_dict, settings_to_dict
 from vask.logs import JsonFormatter
-from vask.workers.admission import forwarded_client, origin_allowed, trusted_networks
+from vask.workers.admission import (
+    forwarded_client,
+    origin_allowed,
+    proxy_source,
+    trusted_networks,
+)
 from vask.workers.tls import server_context
 
 
@@ -301,3 +306,61 @@ def test_a_trusted_proxy_connection_is_counted_as_its_forwarded_client() -> None
     finally:
         loop.close()
 
+
+
+# --- PROXY protocol v1 -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("line", "source"), [
+    (b"PROXY TCP4 203.0.113.7 10.0.0.1 56324 6001", "203.0.113.7"),
+    (b"PROXY TCP6 2001:db8::7 2001:db8::1 56324 6001", "2001:db8::7"),
+    (b"PROXY UNKNOWN", ""),
+    (b"PROXY UNKNOWN 1.2.3.4 garbage", ""),
+    (b"PROXY TCP4 2001:db8::7 10.0.0.1 1 2", None),  # family mismatch
+    (b"PROXY TCP4 203.0.113.7 10.0.0.1 56324", None),  # a field missing
+    (b"PROXY TCP4 203.0.113.7 10.0.0.1 56324 70000", None),  # port out of range
+    (b"PROXY TCP4  203.0.113.7 10.0.0.1 1 2", None),  # two spaces
+    (b"PROXY UDP4 203.0.113.7 10.0.0.1 1 2", None),
+    (b"GET / HTTP/1.1", None),
+])
+def test_proxy_source(line: bytes, source: str | None) -> None:
+    assert proxy_source(line) == source
+
+
+def test_proxy_protocol_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server\.proxy_protocol: needs trusted_proxies"):
+        load_settings(env={"VASK_PROXY_PROTOCOL": "true"})
+    ca = make_ca(tmp_path)
+    leaf = make_server_cert(tmp_path, ca)
+    with pytest.raises(ConfigError, match=r"server\.proxy_protocol: cannot be combined"):
+        load_settings(env={"VASK_PROXY_PROTOCOL": "yes", "VASK_TRUSTED_PROXIES": "10.0.0.1",
+                           "VASK_TLS_CERT": str(leaf.cert_path),
+                           "VASK_TLS_KEY": str(leaf.key_path)})
+
+
+def test_a_proxy_line_in_pieces_names_the_client_then_requests_follow() -> None:
+    import asyncio
+
+    from tests.test_connection_layer import connect
+
+    loop = asyncio.new_event_loop()
+    try:
+        worker: object = _worker(loop, max_connections_per_ip=1, trusted_proxies="10.0.0.1",
+                                 proxy_protocol="true")
+        admission = worker.admission  # type: ignore[attr-defined]
+        conn, transport = connect(worker)
+        assert admission.per_ip == {}
+        conn.data_received(b"PROXY TCP4 203.0.113.7 10.0.0.1 5")
+        conn.data_received(b"6324 6001\r\nGET /up HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert admission.per_ip == {"203.0.113.7": 1}
+        assert transport.text.startswith(b"HTTP/1.1 200") and b"/up" in transport.text
+        # the same client again, through the same proxy: over the cap
+        conn2, second = connect(worker)
+        conn2.data_received(b"PROXY TCP4 203.0.113.7 10.0.0.1 1 6001\r\n")
+        assert second.text.startswith(b"HTTP/1.1 429")
+        # no PROXY line from the proxy: refused, not read as a request
+        conn3, third = connect(worker)
+        conn3.data_received(b"GET /up HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert third.text.startswith(b"HTTP/1.1 400")
+        assert b"PROXY protocol" in third.text
+    finally:
+        loop.close()

@@ -168,6 +168,9 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     #: "text" (one human-readable line per record) or "json" (one object per line)
     log_format: str = "text"
+    #: connections from trusted_proxies start with a PROXY protocol v1 line naming the
+    #: client (HAProxy send-proxy, nginx stream proxy_protocol, cloud load balancers)
+    proxy_protocol: bool = False
     apps: tuple[App, ...] = ()
     default_app: bool = False  # True when ``apps`` came from the built-in default
     config_file: str = ""
@@ -212,6 +215,7 @@ _SERVER_KEYS = {
     "tls_key": str,
     "trusted_proxies": list,
     "log_format": str,
+    "proxy_protocol": bool,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -423,6 +427,12 @@ def _check_settings(settings: Settings) -> None:
             raise ConfigError(f"server.trusted_proxies: {entry!r} is not an IP address or "
                               "CIDR network") from None
     _check_tls(settings)
+    if settings.proxy_protocol and not settings.trusted_proxies:
+        raise ConfigError("server.proxy_protocol: needs trusted_proxies (the addresses whose "
+                          "PROXY line is believed)")
+    if settings.proxy_protocol and settings.tls_cert:
+        raise ConfigError("server.proxy_protocol: cannot be combined with tls_cert (the PROXY "
+                          "line would come before the TLS handshake); end TLS in the proxy")
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
     seen: dict[str, str] = {}

@@ -11,6 +11,10 @@ TCP level (before any request is read; ``docs/security.md``):
   is named in ``X-Forwarded-For``, read with the WebSocket handshake, and counted then
   (see :func:`forwarded_client`).
 
+With ``proxy_protocol``, a connection from a trusted proxy must start with a PROXY
+protocol v1 line (:func:`proxy_source`); the client it names is counted then, before the
+first request, for plain HTTP requests as much as for WebSockets.
+
 Handshake level: an app with ``allowed_origins`` refuses a browser whose ``Origin`` is
 not on its list with HTTP 403 (:func:`origin_allowed`).
 
@@ -116,6 +120,38 @@ def forwarded_client(peer: str, forwarded_for: Sequence[bytes],
     return client
 
 
+#: the longest PROXY protocol v1 line, "\r\n" included (the protocol's own bound)
+PROXY_LINE_MAX = 107
+
+
+def proxy_source(line: bytes) -> str | None:
+    """The client address of a PROXY protocol v1 line (without its CRLF): ``""`` for
+    ``PROXY UNKNOWN`` (the proxy does not know: count the proxy), None if malformed.
+
+    ``PROXY TCP4 <source> <destination> <source port> <destination port>``, single
+    spaces, addresses of the family named, ports 0-65535.
+    """
+    parts = line.split(b" ")
+    if len(parts) < 2 or parts[0] != b"PROXY":
+        return None
+    if parts[1] == b"UNKNOWN":
+        return ""
+    if parts[1] not in (b"TCP4", b"TCP6") or len(parts) != 6:
+        return None
+    try:
+        source = ipaddress.ip_address(parts[2].decode("ascii"))
+        target = ipaddress.ip_address(parts[3].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    version = 4 if parts[1] == b"TCP4" else 6
+    if source.version != version or target.version != version:
+        return None
+    for port in parts[4:]:
+        if not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+            return None
+    return str(source)
+
+
 def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     """Whether a handshake's ``Origin`` is one of ``allowed`` (lower-case entries, each
     an exact ``scheme://host[:port]`` or ``scheme://*.domain[:port]`` for any subdomain).
@@ -147,7 +183,7 @@ class Admission:
     """Connection caps and the Pusher-level admission of a worker."""
 
     __slots__ = ("apps_by_key", "max_connections", "max_per_ip", "next_socket", "per_ip",
-                 "trusted", "worker")
+                 "proxy_protocol", "trusted", "worker")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -158,6 +194,7 @@ class Admission:
         self.per_ip: dict[str, int] = {}
         self.next_socket = 1
         self.trusted = trusted_networks(settings.trusted_proxies)
+        self.proxy_protocol = settings.proxy_protocol
 
     # --- TCP level ------------------------------------------------------------------
 
@@ -165,13 +202,31 @@ class Admission:
         """Count a fresh TCP connection; (status, message) if it must be refused."""
         if len(self.worker.connections) > self.max_connections:
             return 503, "This server is at its connection limit; try another or retry later"
-        if self.max_per_ip:
+        if self.max_per_ip or self.proxy_protocol:
             transport = conn.transport
             peer = transport.get_extra_info("peername") if transport is not None else None
             ip = peer[0] if isinstance(peer, tuple) and peer else "?"
             if self.trusted and _trusted(ip, self.trusted):
-                return None  # counted as its real client at the handshake
-            return self._count(conn, ip)
+                if self.proxy_protocol:
+                    conn.proxy_line = b""  # its first bytes are a PROXY line
+                return None  # counted as its real client later
+            if self.max_per_ip:
+                return self._count(conn, ip)
+        return None
+
+    def proxied(self, conn: HttpProtocol, line: bytes) -> tuple[int, str] | None:
+        """The PROXY line of a connection from a trusted proxy has arrived: count the
+        client it names. (status, message) if the connection must be refused."""
+        source = proxy_source(line)
+        if source is None:
+            return 400, "Malformed PROXY protocol header"
+        if not source:  # PROXY UNKNOWN: the proxy's own address stands
+            transport = conn.transport
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            source = peer[0] if isinstance(peer, tuple) and peer else "?"
+        if self.max_per_ip:
+            return self._count(conn, source)
+        conn.peer = source
         return None
 
     def _count(self, conn: HttpProtocol, ip: str) -> tuple[int, str] | None:

@@ -117,3 +117,50 @@ def test_an_untrusted_peer_cannot_choose_its_address() -> None:
             assert refused.startswith(b"HTTP/1.1 429"), refused
         finally:
             a.close()
+
+
+PROXY_PROTOCOL = """
+[server]
+max_connections_per_ip = 1
+trusted_proxies = ["127.0.0.2"]
+proxy_protocol = true
+"""
+
+
+def test_proxy_protocol_names_the_client() -> None:
+    """With proxy_protocol, each connection from the trusted proxy starts with a PROXY
+    line; the client it names is what max_connections_per_ip counts, for WebSockets and
+    plain HTTP alike. The "proxy" connects from 127.0.0.2, so the harness's readiness
+    probes from 127.0.0.1 are ordinary clients."""
+    with run_vask(workers=1, config=PROXY_PROTOCOL,
+                  env={"VASK_HTTP_REQUEST_TIMEOUT": "5"}, startup_timeout=30) as server:
+        def from_proxy() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                            source_address=("127.0.0.2", 0))
+
+        def proxied(source: str) -> socket.socket:
+            sock = from_proxy()
+            sock.sendall(f"PROXY TCP4 {source} 127.0.0.1 40000 {server.port}\r\n".encode())
+            return sock
+
+        a, b = proxied("203.0.113.1"), proxied("203.0.113.2")
+        try:
+            for sock in (a, b):
+                sock.sendall(b"GET /app/app-key?protocol=7 HTTP/1.1\r\nHost: x\r\n"
+                             b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                             b"Sec-WebSocket-Version: 13\r\n\r\n")
+                assert b"connection_established" in answer(sock)
+            with proxied("203.0.113.1") as c:
+                c.sendall(b"GET /up HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert answer(c).startswith(b"HTTP/1.1 429")
+            with proxied("203.0.113.3") as d:
+                d.sendall(b"GET /up HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert answer(d).startswith(b"HTTP/1.1 200")
+            # the trusted proxy without its PROXY line is refused
+            with from_proxy() as e:
+                e.sendall(b"GET /up HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert answer(e).startswith(b"HTTP/1.1 400")
+        finally:
+            a.close()
+            b.close()
