@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections import Counter
 
@@ -75,9 +76,15 @@ class Worker:
         self.server: asyncio.AbstractServer | None = None
         self.stopping = False
         self.api: ApiAdapter | None = None
-        #: the TLS context connections are accepted with (None: plain TCP); the reload
-        #: path re-reads the certificate into it (vask.workers.tls.reload_context)
-        self.tls = server_context(settings)
+        #: the TLS context connections are accepted with (None: plain TCP); a reload can
+        #: re-read the certificate into it without touching open connections
+        #: (vask.workers.tls.reload_context)
+        try:
+            self.tls = server_context(settings)
+        except (ssl.SSLError, OSError) as exc:
+            # checked before the workers started, so the files changed since
+            log.error("worker %d: cannot load tls_cert/tls_key: %s", slot, exc)
+            raise SystemExit(STARTUP_FAILURE) from None
 
     # --- clock and sweep ----------------------------------------------------------------
 
