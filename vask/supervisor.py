@@ -529,7 +529,7 @@ def _child_setup(role: str, settings: Settings) -> None:
     for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
-    setup_logging(settings.log_level, role)
+    setup_logging(settings.log_level, role, settings.log_format)
 
 
 def _sender_view(settings: Settings) -> tuple[object, ...]:
