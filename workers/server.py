@@ -47,7 +47,7 @@ from vask.workers.http import LINGER, HttpProtocol, Response, error_response, ht
 from vask.workers.index import ChannelIndex
 from vask.workers.outbound import Corker
 from vask.workers.rosters import Rosters
-from vask.workers.tls import server_context
+from vask.workers.tls import reload_context, server_context
 from vask.workers.websocket import CLOSING, OPEN, OPENING, PusherConnection
 
 log = logging.getLogger("vask.worker")
@@ -261,8 +261,23 @@ class Worker:
         except (OSError, ValueError, TypeError) as exc:
             log.error("worker %d cannot read the reloaded settings: %s", self.slot, exc)
             return
-        if new is not None and new != self.settings:
+        if new is None:
+            return
+        if new != self.settings:
             self.on_reload(new)
+        elif self.tls is not None:
+            # The same settings: a renewed certificate at the same paths.
+            self._reload_tls(new)
+            log.info("worker %d: TLS certificate re-read", self.slot)
+
+    def _reload_tls(self, new: Settings) -> None:
+        if self.tls is None:
+            return
+        try:
+            reload_context(self.tls, new)
+        except (ssl.SSLError, OSError) as exc:
+            log.error("worker %d: tls_cert/tls_key not reloaded, the previous "
+                      "certificate stays in use: %s", self.slot, exc)
 
     def on_reload(self, new: Settings) -> None:
         """Run with ``new`` settings from now on (validated by the supervisor).
@@ -273,10 +288,12 @@ class Worker:
         connect would now get (4001, 4003); the others keep their connection and check
         new subscriptions against the new secret and limits.
 
-        TLS: re-reading the certificate and key (a new SSL context for new connections)
-        belongs here too.
+        With TLS, the certificate and key are read again into the live context: new
+        connections get the renewed pair, open ones keep their session. A pair that
+        does not load is logged and the previous one stays in use.
         """
         old = self.settings
+        self._reload_tls(new)
         self.settings = new
         self.link.settings = new
         self.corker.limit = new.write_buffer_limit

@@ -273,3 +273,56 @@ def test_reload_serves_the_new_certificate_to_new_connections_only(tmp_path: Pat
             server.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_sighup_serves_a_renewed_certificate_and_keeps_open_connections(
+        tmp_path: Path) -> None:
+    """A real ``vask run`` with TLS: the certificate files are replaced in place (as a
+    renewal does) and SIGHUP reloads; a new connection gets the new certificate (signed
+    by another CA), while a WebSocket opened before still receives events."""
+    import shutil
+    import signal
+
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first_ca = make_ca(tmp_path / "first")
+    second_ca = make_ca(tmp_path / "second", name="Vask renewed CA")
+    first = make_server_cert(tmp_path / "first", first_ca)
+    second = make_server_cert(tmp_path / "second", second_ca)
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cert.pem", live / "key.pem"
+    shutil.copy(first.cert_path, cert)
+    shutil.copy(first.key_path, key)
+    with run_vask(workers=2, tls_ca=str(first_ca.path),
+                  extra_args=("--tls-cert", str(cert), "--tls-key", str(key))) as server:
+        url = f"wss://127.0.0.1:{server.port}/app/{APP_KEY}?protocol=7"
+        trusts_first = ssl.create_default_context(cafile=str(first_ca.path))
+        trusts_second = ssl.create_default_context(cafile=str(second_ca.path))
+
+        async def scenario() -> None:
+            old = await PusherClient.connect(url, ssl=trusts_first)
+            try:
+                await old.subscribe("renewal")
+                shutil.copy(second.cert_path, cert)
+                shutil.copy(second.key_path, key)
+                before = server.log().count("TLS certificate re-read")
+                server.process.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 30
+                while server.log().count("TLS certificate re-read") < before + 2:
+                    assert time.monotonic() < deadline, server.log()[-2000:]
+                    await asyncio.sleep(0.05)
+                # every worker now serves the renewed pair: try several connections
+                for _ in range(6):
+                    fresh = await PusherClient.connect(url, ssl=trusts_second)
+                    await fresh.close()
+                    with pytest.raises(ssl.SSLCertVerificationError):
+                        await PusherClient.connect(url, ssl=trusts_first)
+                await asyncio.to_thread(sdk(server.port, str(second_ca.path)).trigger,
+                                        "renewal", "still-here", {"n": 1})
+                frame = await old.wait_for("still-here", "renewal")
+                assert json.loads(frame["data"]) == {"n": 1}
+            finally:
+                await old.close()
+
+        asyncio.run(scenario())
