@@ -33,5 +33,5 @@ def test_every_process_logs_json_lines_and_the_stop_is_logged() -> None:
         assert set(r) >= {"time", "level", "role", "pid", "logger", "message"}, r
         time.strptime(r["time"][:19], "%Y-%m-%dT%H:%M:%S")
     supervisor = [r["message"] for r in records if r["role"] == "supervisor"]
-    stopping = supervisor.index("stopping: 2 worker(s), then the broker")
+    stopping = supervisor.index("stopping: workers close their clients (4200), then the broker")
     assert supervisor[-1] == "stopped" and stopping < len(supervisor) - 1, supervisor
