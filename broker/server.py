@@ -573,7 +573,9 @@ class Broker:
         except Exception:  # a bug; the next turn tries again
             self.handler_errors += 1
             self.error_log(now, "error in the broker's timers", exc_info=True)
-        if self.outboxes:
+        # Publish answers (acks) wait in flush too: a publish that delivered to nobody
+        # leaves the outboxes empty, and must still be answered in this turn.
+        if self.outboxes or self.acks:
             self.flush()
         if hooks is not None:
             hooks.flush(now)

@@ -36,8 +36,11 @@ class PusherClient:
 
     @classmethod
     async def connect(cls, url: str, key: str = "app-key", secret: str = "app-secret",
-                      established: bool = True) -> PusherClient:
-        ws = await asyncio.wait_for(websockets.connect(url, open_timeout=10), 10)
+                      established: bool = True, **connect_options: Any) -> PusherClient:
+        """``connect_options`` go to ``websockets.connect`` (``ssl=`` for a wss:// URL,
+        ``origin=``, ``additional_headers=``)."""
+        ws = await asyncio.wait_for(
+            websockets.connect(url, open_timeout=10, **connect_options), 10)
         client = cls(ws, key, secret)
         if established:
             frame = await client.wait_for("pusher:connection_established")

@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,8 @@ class Server:
     workers: int = 0
     #: set (by tests/conftest.py) when a test failed while this server ran: keep its files
     failed: bool = False
+    #: the CA file clients trust when the server speaks TLS (None: plain TCP)
+    tls_ca: str | None = None
 
     @property
     def ws_url(self) -> str:
@@ -127,15 +130,20 @@ RUNNING: list[Server] = []
 
 
 def wait_ready(port: int, deadline: float, process: subprocess.Popen[bytes] | None = None,
-               hits: int = 4) -> None:
+               hits: int = 4, tls_ca: str | None = None) -> None:
     """Poll /ready until ``hits`` consecutive 200s (each may land on another worker: a
-    worker that does not accept yet makes a probe time out, which resets the count)."""
+    worker that does not accept yet makes a probe time out, which resets the count).
+    With ``tls_ca``, over https, trusting that CA file."""
     good = 0
+    scheme, context = "http", None
+    if tls_ca is not None:
+        scheme, context = "https", ssl.create_default_context(cafile=tls_ca)
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"vask exited early with status {process.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/ready", timeout=1,
+                                        context=context) as r:
                 good = good + 1 if r.status == 200 else 0
         except OSError:
             good = 0
@@ -168,7 +176,7 @@ def scratch_dir() -> Path:
 
 def _start(scratch: Path, workers: int, config: str | None, env: dict[str, str] | None,
            startup_timeout: float, extra_args: tuple[str, ...],
-           fixed_port: int | None = None) -> Server:
+           fixed_port: int | None = None, tls_ca: str | None = None) -> Server:
     env = dict(env or {})
     if "stop_ready_delay" not in (config or "") and "VASK_STOP_READY_DELAY" not in env:
         # The default (2 s of /ready answering 503 before the listeners close) is for
@@ -188,10 +196,10 @@ def _start(scratch: Path, workers: int, config: str | None, env: dict[str, str] 
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
                                        env=vask_env(scratch, env), start_new_session=True)
-        server = Server(port, process, log_path, workers)
+        server = Server(port, process, log_path, workers, tls_ca=tls_ca)
         try:
             wait_ready(port, time.monotonic() + startup_timeout, process,
-                       hits=max(4, 4 * workers))
+                       hits=max(4, 4 * workers), tls_ca=tls_ca)
             return server
         except BaseException:
             server.stop()
@@ -207,9 +215,12 @@ def _start(scratch: Path, workers: int, config: str | None, env: dict[str, str] 
 @contextlib.contextmanager
 def run_vask(workers: int = 2, config: str | None = None, env: dict[str, str] | None = None,
              startup_timeout: float = 30.0, extra_args: tuple[str, ...] = (),
-             port: int | None = None) -> Iterator[Server]:
+             port: int | None = None, tls_ca: str | None = None) -> Iterator[Server]:
     """Context manager: a running ``vask run --workers N`` on a free port (or on
     ``port``: a test that restarts a server on the port it had).
+
+    A server started with TLS (``--tls-cert``/``--tls-key`` in ``extra_args``, or in
+    ``config`` or ``env``) needs ``tls_ca``: readiness is then polled over https.
 
     Its files (log, config, runtime folder) are deleted afterwards, unless the block
     raised or a test failed meanwhile: then the log is printed and the files are kept.
@@ -217,7 +228,8 @@ def run_vask(workers: int = 2, config: str | None = None, env: dict[str, str] | 
     scratch = scratch_dir()
     keep = True
     try:
-        server = _start(scratch, workers, config, env, startup_timeout, extra_args, port)
+        server = _start(scratch, workers, config, env, startup_timeout, extra_args, port,
+                        tls_ca)
         RUNNING.append(server)
         try:
             yield server

@@ -61,18 +61,28 @@ def main() -> None:
               help="Port of the broker's Prometheus /metrics listener (default 9601, on "
                    "metrics_host, 127.0.0.1 by default); 0 turns it off. "
                    "[env: VASK_METRICS_PORT]")
+@click.option("--tls-cert", envvar="VASK_TLS_CERT", type=click.Path(dir_okay=False),
+              default=None, help="PEM certificate chain: serve wss:// and https:// on the "
+                                 "port (needs --tls-key). [env: VASK_TLS_CERT]")
+@click.option("--tls-key", envvar="VASK_TLS_KEY", type=click.Path(dir_okay=False),
+              default=None, help="PEM private key of --tls-cert. [env: VASK_TLS_KEY]")
+@click.option("--log-format", envvar="VASK_LOG_FORMAT", default=None,
+              type=click.Choice(["text", "json"]),
+              help="text (default) or json: one JSON object per line. [env: VASK_LOG_FORMAT]")
 def run(host: str | None, port: int | None, workers: int | None, config: str | None,
         broker: str | None, log_level: str | None, pid_file: str | None,
-        metrics_port: int | None) -> None:
+        metrics_port: int | None, tls_cert: str | None, tls_key: str | None,
+        log_format: str | None) -> None:
     """Start the supervisor, the broker and the worker processes.
 
     SIGHUP reloads the configuration, SIGUSR2 restarts the workers one by one, SIGTERM
     stops gracefully (docs/operations.md).
     """
     overrides = {"host": host, "port": port, "workers": workers, "broker": broker,
-                 "log_level": log_level, "pid_file": pid_file, "metrics_port": metrics_port}
+                 "log_level": log_level, "pid_file": pid_file, "metrics_port": metrics_port,
+                 "tls_cert": tls_cert, "tls_key": tls_key, "log_format": log_format}
     settings = _load(config, overrides)
-    setup_logging(settings.log_level, "supervisor")
+    setup_logging(settings.log_level, "supervisor", settings.log_format)
     for warning in warnings_for(settings):
         log.warning("%s", warning)
     from vask.supervisor import Supervisor
@@ -98,8 +108,9 @@ def _banner(settings: Settings, port: int) -> None:
         secret = app.secret if settings.default_app else "(from config)"
         tag = " (default app)" if settings.default_app else ""
         click.echo(f"  app id={app.id} key={app.key} secret={secret}{tag}", err=True)
-        click.echo(f"    WebSocket: ws://{host}:{port}/app/{app.key}?protocol=7", err=True)
-        click.echo(f"    HTTP API:  http://{host}:{port}/apps/{app.id}/events", err=True)
+        tls = "s" if settings.tls_cert else ""
+        click.echo(f"    WebSocket: ws{tls}://{host}:{port}/app/{app.key}?protocol=7", err=True)
+        click.echo(f"    HTTP API:  http{tls}://{host}:{port}/apps/{app.id}/events", err=True)
 
 
 @main.command("broker")
@@ -112,12 +123,14 @@ def _banner(settings: Settings, port: int) -> None:
 @click.option("--metrics-port", envvar="VASK_METRICS_PORT", type=int, default=None,
               help="Port of the cluster's Prometheus /metrics listener (default 9601); "
                    "0 turns it off. [env: VASK_METRICS_PORT]")
+@click.option("--log-format", envvar="VASK_LOG_FORMAT", default=None,
+              type=click.Choice(["text", "json"]))
 def broker_command(endpoint: str, config: str | None, log_level: str | None,
-                   metrics_port: int | None) -> None:
+                   metrics_port: int | None, log_format: str | None) -> None:
     """Run a broker alone, for workers on several hosts (`vask run --broker ...`)."""
     settings = _load(config, {"broker": endpoint, "log_level": log_level,
-                              "metrics_port": metrics_port})
-    setup_logging(settings.log_level, "broker")
+                              "metrics_port": metrics_port, "log_format": log_format})
+    setup_logging(settings.log_level, "broker", settings.log_format)
     set_process_name("vask-broker")
     from vask.broker.server import serve
     from vask.supervisor import SenderKeeper, webhook_store
@@ -170,6 +183,27 @@ def reload_command(pid_file: str) -> None:
 def restart_command(pid_file: str) -> None:
     """Replace the workers of a running `vask run` one by one (sends it SIGUSR2)."""
     _signal_supervisor(pid_file, signal.SIGUSR2, "rolling restart")
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect a configuration without starting anything."""
+
+
+@config_group.command("check")
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["toml", "json"]), default="toml",
+              show_default=True, help="How to print the effective configuration.")
+def config_check(file: str | None, fmt: str) -> None:
+    """Validate FILE (and the VASK_* environment) and print the effective configuration,
+    every secret masked. Exit 0 when valid; one error line and exit 2 otherwise."""
+    from vask.config_dump import dump_json, dump_toml, masked
+
+    settings = _load(file, {})
+    data = masked(settings)
+    click.echo(dump_json(data) if fmt == "json" else dump_toml(data), nl=False)
+    for warning in warnings_for(settings):
+        click.echo(f"vask: warning: {warning}", err=True)
 
 
 main.add_command(bench)

@@ -25,7 +25,9 @@ With no ``[[apps]]`` there is one default app (id ``1``, key ``app-key``, secret
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,6 +105,9 @@ class App:
     #: member_removed and channel_vacated are held this long, and dropped together with
     #: the matching member_added / channel_occupied if the user or channel comes back
     webhook_leave_delay: float = 3.0
+    #: origins whose browsers may open a WebSocket ("" entries never; empty = any); each
+    #: an exact origin (https://app.example.com) or a host wildcard (https://*.example.com)
+    allowed_origins: tuple[str, ...] = ()
 
     @property
     def max_event_payload_bytes(self) -> int:
@@ -156,6 +161,16 @@ class Settings:
     webhook_retry_window: float = 300.0
     #: webhook events and requests kept in the queue at most (see docs/webhooks.md)
     webhook_max_queued: int = 100_000
+    #: PEM files for TLS on the listening port (both or neither; "" = plain TCP)
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: proxies (IP addresses or CIDR networks) whose X-Forwarded-For is believed
+    trusted_proxies: tuple[str, ...] = ()
+    #: "text" (one human-readable line per record) or "json" (one object per line)
+    log_format: str = "text"
+    #: connections from trusted_proxies start with a PROXY protocol v1 line naming the
+    #: client (HAProxy send-proxy, nginx stream proxy_protocol, cloud load balancers)
+    proxy_protocol: bool = False
     apps: tuple[App, ...] = ()
     default_app: bool = False  # True when ``apps`` came from the built-in default
     config_file: str = ""
@@ -214,15 +229,28 @@ _SERVER_KEYS = {
     "pid_file": str,
     "metrics_port": int,
     "metrics_host": str,
+    "tls_cert": str,
+    "tls_key": str,
+    "trusted_proxies": list,
+    "log_format": str,
+    "proxy_protocol": bool,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
 _RESERVED_HEADERS = frozenset(("content-type", "content-length", "host", "user-agent"))
 
 
-def _coerce(where: str, value: Any, kind: type) -> Any:
-    """Check (or, for strings from the environment, convert) one scalar value."""
-    if isinstance(value, str) and kind is not str:
+def _coerce(where: str, value: Any, kind: type, convert: bool = False) -> Any:
+    """Check one value; ``convert``: it is a string from the environment or a flag, to be
+    converted to ``kind``. TOML values are never converted: the file has types of its
+    own, and ``port = "6001"`` is a mistake worth naming."""
+    if kind is list:
+        if convert and isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if convert and isinstance(value, str) and kind is not str:
         text = value.strip()
         try:
             if kind is bool:
@@ -313,6 +341,8 @@ def parse_app(where: str, raw: Any) -> App:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}.cors_origins: expected a list of origins")
             kwargs[name] = tuple(value)
+        elif name == "allowed_origins":
+            kwargs[name] = _parse_origins(f"{where}.allowed_origins", value)
         else:
             kind = _SCALARS[str(types[name]).split()[0]]
             kwargs[name] = _coerce(f"{where}.{name}", value, kind)
@@ -322,6 +352,21 @@ def parse_app(where: str, raw: Any) -> App:
     app = App(**kwargs)
     _check_app(where, app)
     return app
+
+
+def _parse_origins(where: str, value: Any) -> tuple[str, ...]:
+    """``allowed_origins``: each entry is scheme://host[:port], where the host may start
+    with ``*.`` (any subdomain, not the bare domain). Compared lower-case."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of origins")
+    out = []
+    for entry in value:
+        scheme, sep, host = entry.strip().lower().partition("://")
+        if not sep or not scheme or not host or "/" in host or "*" in host.removeprefix("*."):
+            raise ConfigError(f"{where}: {entry!r} is not an origin like "
+                              "'https://app.example.com' or 'https://*.example.com'")
+        out.append(f"{scheme}://{host}")
+    return tuple(out)
 
 
 def _check_app(where: str, app: App) -> None:
@@ -397,6 +442,21 @@ def _check_settings(settings: Settings) -> None:
     if not 0 <= settings.metrics_port < 65536:
         raise ConfigError(f"server.metrics_port: {settings.metrics_port} is not a TCP port "
                           "(1-65535, or 0 for no metrics listener)")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError(f"server.log_format: {settings.log_format!r} is not text or json")
+    for entry in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies: {entry!r} is not an IP address or "
+                              "CIDR network") from None
+    _check_tls(settings)
+    if settings.proxy_protocol and not settings.trusted_proxies:
+        raise ConfigError("server.proxy_protocol: needs trusted_proxies (the addresses whose "
+                          "PROXY line is believed)")
+    if settings.proxy_protocol and settings.tls_cert:
+        raise ConfigError("server.proxy_protocol: cannot be combined with tls_cert (the PROXY "
+                          "line would come before the TLS handshake); end TLS in the proxy")
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
     seen: dict[str, str] = {}
@@ -412,6 +472,30 @@ def _check_settings(settings: Settings) -> None:
         for j, other in enumerate(settings.apps):
             if j != i and app.id == other.key:
                 raise ConfigError(f"apps[{i}].id: {app.id!r} equals the key of apps[{j}]")
+
+
+def _check_tls(settings: Settings) -> None:
+    """Both files or neither, and they must load (a wrong key or an unreadable file is
+    reported now, as one line, not by every worker at startup)."""
+    if not settings.tls_cert and not settings.tls_key:
+        return
+    if not settings.tls_cert or not settings.tls_key:
+        missing = "tls_key" if settings.tls_cert else "tls_cert"
+        raise ConfigError(f"server.{missing}: tls_cert and tls_key go together; set both")
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(settings, name)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"server.{name}: cannot read {path!r} ({exc.strerror})") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"server.tls_cert: {settings.tls_cert!r} and {settings.tls_key!r} "
+                          f"do not load as a PEM certificate chain and its key "
+                          f"({getattr(exc, 'reason', None) or exc})") from None
 
 
 def load_settings(
@@ -457,10 +541,11 @@ def load_settings(
     for name, kind in _SERVER_KEYS.items():
         env_name = f"VASK_{name.upper()}"
         if env.get(env_name, "") != "":
-            values[name] = _coerce(env_name, env[env_name], kind)
+            values[name] = _coerce(env_name, env[env_name], kind, convert=True)
     for name, value in (overrides or {}).items():
         if value is not None:
-            values[name] = _coerce(f"--{name.replace('_', '-')}", value, _SERVER_KEYS[name])
+            values[name] = _coerce(f"--{name.replace('_', '-')}", value, _SERVER_KEYS[name],
+                                   convert=True)
 
     apps_parsed = tuple(parse_app(f"apps[{i}]", raw) for i, raw in enumerate(raw_apps))
     default_app = False
@@ -472,7 +557,9 @@ def load_settings(
                     "id": env.get("VASK_APP_ID") or DEFAULT_APP_ID,
                     "key": env.get("VASK_APP_KEY") or DEFAULT_APP_KEY,
                     "secret": env.get("VASK_APP_SECRET") or DEFAULT_APP_SECRET,
-                    "enable_client_messages": env.get("VASK_APP_ENABLE_CLIENT_MESSAGES", "true"),
+                    "enable_client_messages": _coerce(
+                        "VASK_APP_ENABLE_CLIENT_MESSAGES",
+                        env.get("VASK_APP_ENABLE_CLIENT_MESSAGES", "true"), bool, convert=True),
                 },
             ),
         )
@@ -528,5 +615,7 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
             for w in raw.get("webhooks", ())
         )
         raw["cors_origins"] = tuple(raw.get("cors_origins", ()))
+        raw["allowed_origins"] = tuple(raw.get("allowed_origins", ()))
         apps.append(App(**raw))
+    values["trusted_proxies"] = tuple(values.get("trusted_proxies", ()))
     return Settings(**values, apps=tuple(apps))

@@ -41,6 +41,9 @@ RESTART_ONLY = (
     "heartbeat_timeout",
     "webhook_concurrency",
     "webhook_max_queued",
+    "metrics_port",
+    "metrics_host",
+    "proxy_protocol",
 )
 #: fields of :class:`Settings` that are not ``[server]`` keys
 _NOT_SERVER = ("apps", "default_app", "config_file")
@@ -70,6 +73,13 @@ def merge(old: Settings, fresh: Settings) -> tuple[Settings, list[str]]:
             kept[name] = before
             lines.append(f"server.{name} needs a restart to change "
                          f"(keeping {before!r}, the configuration says {after!r})")
+    if bool(old.tls_cert) != bool(fresh.tls_cert):
+        # Each worker's listener was created with or without TLS; new paths (or the same
+        # paths with a renewed certificate) are re-read on a reload, but switching TLS
+        # on or off needs new listeners.
+        kept["tls_cert"], kept["tls_key"] = old.tls_cert, old.tls_key
+        lines.append("server.tls_cert: turning TLS on or off needs a restart "
+                     f"(keeping {'TLS' if old.tls_cert else 'plain TCP'})")
     new = dataclasses.replace(fresh, **kept)
     for field in dataclasses.fields(Settings):
         name = field.name

@@ -290,7 +290,19 @@ class Supervisor:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         if new == self.settings:
-            log.info("reload: the configuration is unchanged")
+            if not new.tls_cert:
+                log.info("reload: the configuration is unchanged")
+                return
+            # Same settings, but the certificate files may have been renewed in place:
+            # the workers read them again.
+            log.info("reload: the configuration is unchanged; workers re-read the TLS "
+                     "certificate")
+            write_settings_file(self.settings_path, new)
+            for child in self.children:
+                if child.role == "worker" and child.process is not None \
+                        and child.process.pid and child.process.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.process.pid, signal.SIGHUP)
             return
         for line in changes:
             log.info("reload: %s", line)
@@ -529,7 +541,7 @@ def _child_setup(role: str, settings: Settings) -> None:
     for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
-    setup_logging(settings.log_level, role)
+    setup_logging(settings.log_level, role, settings.log_format)
 
 
 def _sender_view(settings: Settings) -> tuple[object, ...]:

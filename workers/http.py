@@ -42,6 +42,7 @@ import httptools
 import orjson
 from websockets.utils import accept_key
 
+from vask.workers.admission import PROXY_LINE_MAX
 from vask.workers.outbound import PAUSED_PIPELINE, PAUSED_WRITES, Outbound
 from vask.workers.websocket import PusherConnection
 
@@ -120,6 +121,7 @@ class HttpProtocol(Outbound):
         "parser",
         "peer",
         "pipeline",
+        "proxy_line",
         "refusal",
         "requests",
         "running",
@@ -131,6 +133,9 @@ class HttpProtocol(Outbound):
         super().__init__(worker)
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.peer: str | None = None
+        #: bytes of a PROXY protocol line still expected before the first request (set
+        #: by the admission for a trusted proxy when proxy_protocol is on), else None
+        self.proxy_line: bytes | None = None
         #: the time the current request began (or the accept, before the first one)
         self.started = time.monotonic()
         #: when the last request completed (0: none yet)
@@ -176,6 +181,10 @@ class HttpProtocol(Outbound):
         parser = self.parser
         if parser is None:
             return  # lingering after a refusal: discard
+        if self.proxy_line is not None:
+            data = self._proxy_header(data)
+            if not data or self.parser is None:
+                return
         self.began = False
         self.requests = 0
         try:
@@ -204,6 +213,26 @@ class HttpProtocol(Outbound):
 
     def eof_received(self) -> bool | None:
         return None  # close our side too (answers already queued are still sent)
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Take the PROXY protocol line off the front of the stream; what follows it
+        (b"" while the line is incomplete or when it was refused)."""
+        assert self.proxy_line is not None
+        buffered = self.proxy_line + data
+        end = buffered.find(b"\r\n", 0, PROXY_LINE_MAX)
+        if end < 0:
+            if len(buffered) >= PROXY_LINE_MAX:
+                self.proxy_line = None
+                self.refuse(400, "Malformed PROXY protocol header")
+            else:
+                self.proxy_line = buffered
+            return b""
+        self.proxy_line = None
+        refusal = self.worker.admission.proxied(self, buffered[:end])
+        if refusal is not None:
+            self.refuse(*refusal)
+            return b""
+        return buffered[end + 2:]
 
     # --- httptools callbacks ---------------------------------------------------------
 
@@ -373,8 +402,12 @@ class HttpProtocol(Outbound):
         if problem is not None:
             self.refuse(*problem)
             return
-        accept = accept_key(headers[b"sec-websocket-key"].decode("latin-1").strip())
         path = self.url.decode("latin-1")
+        refusal = self.worker.admission.handshake(self, path, self.headers)
+        if refusal is not None:
+            self.refuse(*refusal)
+            return
+        accept = accept_key(headers[b"sec-websocket-key"].decode("latin-1").strip())
         # From here on the connection is a PusherConnection; this object is dropped.
         self.parser = None
         self.url = b""

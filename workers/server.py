@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import time
 from collections import Counter
 
@@ -42,10 +43,11 @@ from vask.workers.admission import Admission
 from vask.workers.api_adapter import ApiAdapter
 from vask.workers.broker_link import BrokerLink
 from vask.workers.broker_sync import BrokerSync
-from vask.workers.http import HttpProtocol, Response, error_response, http_response
+from vask.workers.http import LINGER, HttpProtocol, Response, error_response, http_response
 from vask.workers.index import ChannelIndex
 from vask.workers.outbound import Corker
 from vask.workers.rosters import Rosters
+from vask.workers.tls import reload_context, server_context
 from vask.workers.websocket import CLOSING, OPEN, OPENING, PusherConnection
 
 log = logging.getLogger("vask.worker")
@@ -95,6 +97,15 @@ class Worker:
         self.settings_path = ""
         #: the supervisor's ready pipe: this worker writes its pid there once ready
         self.ready_fd = -1
+        #: the TLS context connections are accepted with (None: plain TCP); a reload can
+        #: re-read the certificate into it without touching open connections
+        #: (vask.workers.tls.reload_context)
+        try:
+            self.tls = server_context(settings)
+        except (ssl.SSLError, OSError) as exc:
+            # checked before the workers started, so the files changed since
+            log.error("worker %d: cannot load tls_cert/tls_key: %s", slot, exc)
+            raise SystemExit(STARTUP_FAILURE) from None
 
     # --- clock and sweep ----------------------------------------------------------------
 
@@ -151,8 +162,15 @@ class Worker:
             log.error("worker %d: no broker answered at %s within %.0fs",
                       self.slot, self.link.endpoint, patience)
             raise SystemExit(STARTUP_FAILURE) from None
+        # With TLS, a handshake must complete within http_request_timeout, like a request
+        # head (the sweep cannot see a connection before its handshake ends: asyncio's
+        # own timer bounds it), and a closing TLS connection waits for the client's
+        # close_notify at most LINGER seconds, like the lingering close of plain HTTP.
+        tls = self.tls
         self.server = await self.loop.create_server(
-            lambda: HttpProtocol(self), sock=sock, backlog=4096)
+            lambda: HttpProtocol(self), sock=sock, backlog=4096, ssl=tls,
+            ssl_handshake_timeout=self.settings.http_request_timeout if tls else None,
+            ssl_shutdown_timeout=LINGER if tls else None)
         log.info("worker %d serving (pid %d)", self.slot, os.getpid())
         announce = self.loop.create_task(self._announce_ready(stop))
         await stop.wait()
@@ -243,8 +261,23 @@ class Worker:
         except (OSError, ValueError, TypeError) as exc:
             log.error("worker %d cannot read the reloaded settings: %s", self.slot, exc)
             return
-        if new is not None and new != self.settings:
+        if new is None:
+            return
+        if new != self.settings:
             self.on_reload(new)
+        elif self.tls is not None:
+            # The same settings: a renewed certificate at the same paths.
+            self._reload_tls(new)
+            log.info("worker %d: TLS certificate re-read", self.slot)
+
+    def _reload_tls(self, new: Settings) -> None:
+        if self.tls is None:
+            return
+        try:
+            reload_context(self.tls, new)
+        except (ssl.SSLError, OSError) as exc:
+            log.error("worker %d: tls_cert/tls_key not reloaded, the previous "
+                      "certificate stays in use: %s", self.slot, exc)
 
     def on_reload(self, new: Settings) -> None:
         """Run with ``new`` settings from now on (validated by the supervisor).
@@ -255,10 +288,12 @@ class Worker:
         connect would now get (4001, 4003); the others keep their connection and check
         new subscriptions against the new secret and limits.
 
-        TLS: re-reading the certificate and key (a new SSL context for new connections)
-        belongs here too.
+        With TLS, the certificate and key are read again into the live context: new
+        connections get the renewed pair, open ones keep their session. A pair that
+        does not load is logged and the previous one stays in use.
         """
         old = self.settings
+        self._reload_tls(new)
         self.settings = new
         self.link.settings = new
         self.corker.limit = new.write_buffer_limit

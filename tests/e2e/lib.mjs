@@ -24,6 +24,9 @@ export const settings = {
   timeoutMs: Number(argValue('timeout-ms') ?? process.env.E2E_TIMEOUT_MS ?? 15000),
   // How many workers the server runs (clients are placed over them, see spread()).
   workers: Number(argValue('workers') ?? process.env.E2E_WORKERS ?? 1),
+  // --tls: the server speaks TLS (wss:// and https://); trust its CA with
+  // NODE_EXTRA_CA_CERTS=<ca.pem> in the environment.
+  tls: process.argv.includes('--tls'),
 };
 
 if (!Number.isInteger(settings.port) || settings.port <= 0) {
@@ -45,7 +48,7 @@ export const api = new PusherServer({
   secret: settings.secret,
   host: '127.0.0.1',
   port: String(settings.port),
-  useTLS: false,
+  useTLS: settings.tls,
   timeout: 5000,
 });
 
@@ -56,7 +59,7 @@ const forger = new PusherServer({
   secret: `${settings.secret}-wrong`,
   host: '127.0.0.1',
   port: String(settings.port),
-  useTLS: false,
+  useTLS: settings.tls,
 });
 
 /** Record a fact for the Python side to assert on. */
@@ -198,8 +201,9 @@ export function makeClient(label, opts = {}) {
   const pusher = new PusherClient(settings.key, {
     wsHost: '127.0.0.1',
     wsPort: settings.port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
+    wssPort: settings.port,
+    forceTLS: settings.tls,
+    enabledTransports: settings.tls ? ['ws', 'wss'] : ['ws'],
     cluster: 'mt1',
     disableStats: true,
     channelAuthorization,

@@ -321,3 +321,73 @@ def test_webhooks_checked_by_the_node_sdk(monkeypatch: pytest.MonkeyPatch) -> No
         # C's departure vacated its pub/priv/cache seats but A is still in each
         assert not [e for e in events if e["name"] == "channel_vacated"], explain(result)
         assert_clean(result)
+
+
+def test_tls_wss_and_https_with_both_sdks(tmp_path: Path) -> None:
+    """Vask with its own TLS: pusher-js over wss:// (forceTLS) receives one event triggered
+    by the Node SDK over https:// and one by pusher-http-python over https://, all
+    trusting the test's CA (``NODE_EXTRA_CA_CERTS``, and the Python SDK's ``verify``).
+    A Node https client without that CA is refused by its own verification."""
+    import os
+    import time
+
+    import pusher
+    from pusher.requests import RequestsBackend
+
+    from tests.tls_certs import make_ca, make_server_cert
+
+    ca = make_ca(tmp_path)
+    leaf = make_server_cert(tmp_path, ca)
+    with run_vask(workers=2, tls_ca=str(ca.path),
+                  extra_args=("--tls-cert", str(leaf.cert_path),
+                              "--tls-key", str(leaf.key_path))) as server:
+        args = [NODE or "node", str(HERE / "tls.mjs"), "--port", str(server.port),
+                "--key", APP_KEY, "--secret", APP_SECRET, "--app-id", APP_ID,
+                "--timeout-ms", str(SCRIPT_BUDGET_MS), "--workers", "2", "--tls"]
+        env = {**os.environ, "NODE_EXTRA_CA_CERTS": str(ca.path)}
+        node = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+        try:
+            assert node.stdout is not None
+            first = json.loads(node.stdout.readline() or "{}")  # the script's own budget
+            channel = first.get("waiting")
+            if channel:
+
+                class Backend(RequestsBackend):  # type: ignore[misc]
+                    def __init__(self, client: object, **options: object) -> None:
+                        super().__init__(client, **options)
+                        self.options["verify"] = str(ca.path)
+
+                python_sdk = pusher.Pusher(app_id=APP_ID, key=APP_KEY, secret=APP_SECRET,
+                                           host="127.0.0.1", port=server.port, ssl=True,
+                                           timeout=10, backend=Backend)
+                python_sdk.trigger(channel, "from-python", {"via": "python-sdk"})
+            out, err = node.communicate(timeout=SUBPROCESS_TIMEOUT)
+        finally:
+            if node.poll() is None:
+                node.kill()
+                node.wait(5)
+        lines = [line for line in (json.dumps(first), *out.splitlines()) if line.strip()]
+        result: dict[str, Any] = json.loads(lines[-1])
+        result["returncode"] = node.returncode
+        result["stderr"] = err
+        assert channel, explain(result)
+        seen = result["observed"]
+        assert seen.get("encrypted") is True, explain(result)
+        assert seen.get("trigger_status") == 200, explain(result)
+        assert seen.get("node_event") == {"via": "node-sdk", "n": 7}, explain(result)
+        assert seen.get("python_event") == {"via": "python-sdk"}, explain(result)
+        assert_clean(result)
+
+        # Node without the test CA: its TLS verification refuses the server.
+        probe = ("require('https').get('https://127.0.0.1:" + str(server.port) + "/up', "
+                 "r => console.log('status ' + r.statusCode))"
+                 ".on('error', e => console.log('error ' + e.code))")
+        began = time.monotonic()
+        refused = subprocess.run([NODE or "node", "-e", probe], capture_output=True, text=True,
+                                 timeout=SUBPROCESS_TIMEOUT, check=False,
+                                 env={k: v for k, v in os.environ.items()
+                                      if k != "NODE_EXTRA_CA_CERTS"})
+        assert refused.stdout.startswith("error "), (refused.stdout, refused.stderr,
+                                                     time.monotonic() - began)
+        assert "CERT" in refused.stdout or "SIGNATURE" in refused.stdout, refused.stdout

@@ -55,6 +55,11 @@ def target_options(f: F) -> F:
         click.option("--connect-timeout", type=float, default=30.0, show_default=True),
         click.option("--drain-timeout", type=float, default=10.0, show_default=True,
                      help="Give up waiting for deliveries after this long without progress."),
+        click.option("--tls", is_flag=True,
+                     help="Speak TLS (wss://, https://) to the server, without verifying "
+                          "its certificate unless --tls-ca is given."),
+        click.option("--tls-ca", default="",
+                     help="CA file to verify the server's certificate with (implies --tls)."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         click.option("--quiet", is_flag=True, help="No progress on stderr."),
     ]
@@ -69,6 +74,7 @@ def _split(kw: dict[str, Any]) -> tuple[Target, Common, bool]:
         secret=kw.pop("secret"), server_cmd=kw.pop("server_cmd"),
         server_pid=kw.pop("server_pid"), server_log=kw.pop("server_log"),
         startup_timeout=kw.pop("startup_timeout"),
+        tls=kw.pop("tls") or bool(kw["tls_ca"]), tls_ca=kw.pop("tls_ca"),
     )
     c = Common(
         procs=kw.pop("procs"), connect_concurrency=kw.pop("connect_concurrency"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -11,6 +12,20 @@ import httptools
 import orjson
 
 from vask.bench.signing import sign_query
+
+
+def client_tls(enabled: bool, ca_file: str = "") -> ssl.SSLContext | None:
+    """The client context for a server speaking TLS: verified against ``ca_file``, or,
+    without one, not verified at all (the bench measures what TLS costs; whom to trust
+    is not its question). None when TLS is off."""
+    if not enabled and not ca_file:
+        return None
+    if ca_file:
+        return ssl.create_default_context(cafile=ca_file)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class _HttpConn(asyncio.Protocol):
@@ -71,8 +86,9 @@ class Publisher:
     """
 
     def __init__(self, host: str, port: int, app_id: str, key: str, secret: str,
-                 inflight: int = 8) -> None:
+                 inflight: int = 8, tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self.tls = tls
         self.app_id, self.key, self.secret = app_id, key, secret
         self.inflight = inflight
         self.path = f"/apps/{app_id}/events"
@@ -97,7 +113,9 @@ class Publisher:
 
     async def _connect(self) -> _HttpConn:
         loop = asyncio.get_running_loop()
-        _t, proto = await loop.create_connection(_HttpConn, self.host, self.port)
+        _t, proto = await loop.create_connection(
+            _HttpConn, self.host, self.port, ssl=self.tls,
+            server_hostname=self.host if self.tls is not None else None)
         self.connections += 1
         return proto
 

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import orjson
 
+from vask.bench.httppub import client_tls
 from vask.bench.signing import presence_auth, private_auth
 from vask.bench.wsframe import (
     OP_CLOSE,
@@ -268,6 +269,8 @@ class Worker:
         self.port: int = cfg["port"]
         self.key: str = cfg["key"]
         self.secret: str = cfg["secret"]
+        #: one client TLS context for all of this process's connections (None: plain)
+        self.tls = client_tls(cfg.get("tls", False), cfg.get("tls_ca", ""))
         self.path = f"/app/{self.key}?protocol=7&client=js&version=8.4.0&flash=false"
         self.conns: list[PusherConn] = []
         self.lat: array[int] = array("q")
@@ -335,7 +338,10 @@ class Worker:
             async with sem:
                 try:
                     await asyncio.wait_for(
-                        loop.create_connection(lambda: conn, self.host, self.port), timeout
+                        loop.create_connection(
+                            lambda: conn, self.host, self.port, ssl=self.tls,
+                            server_hostname=self.host if self.tls is not None else None),
+                        timeout
                     )
                     self.conns.append(conn)
                     await asyncio.wait_for(asyncio.shield(conn.ready), timeout)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vask.bench.httppub import Publisher
+from vask.bench.httppub import Publisher, client_tls
 from vask.bench.pool import WorkerPool, split_counts
 from vask.bench.report import Meter, Progress
 from vask.bench.server import ManagedServer
@@ -38,6 +38,10 @@ class Target:
     server_pid: int | None = None
     server_log: str | None = None
     startup_timeout: float = 30.0
+    #: speak TLS (wss://, https://) to the server; ``tls_ca``: the CA file to verify it
+    #: with ("" = do not verify: the bench measures cost, not trust)
+    tls: bool = False
+    tls_ca: str = ""
 
 
 @dataclass
@@ -82,7 +86,8 @@ class Session:
             await asyncio.to_thread(self.server.start)
             self.t.port = self.server.port
             self.server_root = self.server.pid
-        cfg = {"host": self.t.host, "port": self.t.port, "key": self.t.key, "secret": self.t.secret}
+        cfg = {"host": self.t.host, "port": self.t.port, "key": self.t.key, "secret": self.t.secret,
+               "tls": self.t.tls, "tls_ca": self.t.tls_ca}
         self.pool = WorkerPool(self.nprocs, cfg)
         await self.pool.start()
         return self
@@ -278,7 +283,7 @@ async def run_fanout(
             out["errors"] = errs
             return out
         pub = Publisher(target.host, target.port, target.app_id, target.key, target.secret,
-                        inflight)
+                        inflight, client_tls(target.tls, target.tls_ca))
         expected = subscribers * events
         meter = s.meter()
         meter.begin()
