@@ -561,6 +561,13 @@ def webhook_store(settings: Settings, name: str) -> Path:
 
 def _broker_main(settings: Settings, endpoint: str, parent: int, control_fd: int,
                  webhook_endpoint: str, settings_path: str = "") -> None:
+    # Its own process group, like the webhook sender: a SIGINT/SIGTERM sent to the
+    # whole group (Ctrl-C, a container runtime) would stop the broker at once, before the
+    # workers have told it about the clients they are closing (their leaves, webhooks).
+    # The supervisor stops it after the workers, by pid; PR_SET_PDEATHSIG still stops
+    # it if the supervisor dies.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     _child_setup("broker", settings)
     from vask.broker.server import serve
 
@@ -573,10 +580,8 @@ def _broker_main(settings: Settings, endpoint: str, parent: int, control_fd: int
 
 
 def _sender_main(settings: Settings, endpoint: str, store: Path, parent: int) -> None:
-    # Its own process group: a SIGINT/SIGTERM sent to the whole group (Ctrl-C, a
-    # container runtime) must not stop the sender while the broker is still handing it
-    # the last events. The supervisor stops it last, by pid; if the supervisor dies,
-    # PR_SET_PDEATHSIG still stops it.
+    # Its own process group (see _broker_main): it must not stop while the broker is
+    # still handing it the last events. The supervisor stops it last, by pid.
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     _child_setup("webhooks", settings)
