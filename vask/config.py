@@ -159,6 +159,14 @@ class Settings:
     apps: tuple[App, ...] = ()
     default_app: bool = False  # True when ``apps`` came from the built-in default
     config_file: str = ""
+    #: CURVE on a TCP broker link (docs/security.md): the broker's public key file (on
+    #: worker hosts), this process's own secret key file (broker or worker), and the
+    #: folder of worker public keys the broker admits
+    broker_public_key: str = ""
+    curve_secret_key: str = ""
+    authorized_keys_dir: str = ""
+    #: allow a plain (unencrypted, unauthenticated) TCP broker link off this host
+    insecure_broker: bool = False
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -196,6 +204,10 @@ _SERVER_KEYS = {
     "webhook_concurrency": int,
     "webhook_retry_window": float,
     "webhook_max_queued": int,
+    "broker_public_key": str,
+    "curve_secret_key": str,
+    "authorized_keys_dir": str,
+    "insecure_broker": bool,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -375,6 +387,7 @@ def _check_settings(settings: Settings) -> None:
             raise ConfigError(f"server.{name}: must be 0 (automatic/unlimited) or more")
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
+    _check_broker_list(settings.broker)
     seen: dict[str, str] = {}
     for i, app in enumerate(settings.apps):
         for name in ("id", "key"):
@@ -388,6 +401,20 @@ def _check_settings(settings: Settings) -> None:
         for j, other in enumerate(settings.apps):
             if j != i and app.id == other.key:
                 raise ConfigError(f"apps[{i}].id: {app.id!r} equals the key of apps[{j}]")
+
+
+def _check_broker_list(value: str) -> None:
+    """``broker`` may list several endpoints, comma-separated, in order of preference
+    (failover, docs/operations.md "Several hosts"); each must be a ZeroMQ endpoint."""
+    if "," not in value:
+        return
+    parts = [part.strip() for part in value.split(",")]
+    for part in parts:
+        if not part.startswith(("ipc://", "tcp://")):
+            raise ConfigError(f"server.broker: {part!r} in the list must start with "
+                              "ipc:// or tcp://")
+    if len(set(parts)) != len(parts):
+        raise ConfigError("server.broker: an endpoint appears twice in the list")
 
 
 def load_settings(

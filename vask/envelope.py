@@ -264,12 +264,22 @@ class Reply(Verb):
     body: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Moved(Verb):
+    """Worker -> broker: I now follow a broker earlier in my list of endpoints; forget
+    me without any event (my clients are still connected, over there). A broker that
+    gets it steps down for a while (docs/operations.md, "Several hosts")."""
+
+    VERB = b"MOVED"
+    worker: str
+
+
 VERBS: dict[bytes, type[Verb]] = {
     cls.VERB: cls
     for cls in (
         Hello, Welcome, Heartbeat, Resync, Synced, Recovered, Bye, ConnOpen, ConnClose, Subscribe,
         Unsubscribe, SignIn, Publish, Deliver, DeliverTo, Terminate, TerminateUser, Query,
-        Reply,
+        Reply, Moved,
     )
 }
 
@@ -374,6 +384,7 @@ _CHECKS: dict[type[Verb], tuple[_Check, ...]] = {
     TerminateUser: (_name, _name, _count),
     Query: (_count, _name, _name, _object),
     Reply: (_count, _object),
+    Moved: (_name,),
 }
 assert _CHECKS.keys() == _FIELDS.keys()
 assert all(len(_CHECKS[cls]) == len(_FIELDS[cls]) for cls in _CHECKS)
