@@ -485,7 +485,8 @@ class Broker:
         self.stepping_down_until = now + self.settings.heartbeat_timeout
         log.warning("worker %s moved to a preferred broker; stepping down (publishes "
                     "refused for %.1fs)", message.worker[:80], self.settings.heartbeat_timeout)
-        return []
+        # the last message it reads from us: everything routed to it before is ahead
+        return [(identity, Resync(self.epoch))]
 
     def _answer_later(self, out: Out) -> None:
         """Move the publish answer out of ``out`` into :attr:`acks` (see flush)."""

@@ -114,6 +114,9 @@ class BrokerLink:
         self.probe: zmq.Socket[bytes] | None = None
         self.probe_index = 0
         self.probe_since = 0.0
+        #: the socket to the broker this worker just left, read until it is done
+        self.leaving: zmq.Socket[bytes] | None = None
+        self.leaving_until = 0.0
         self.counters["broker_moves"] = 0
         self.last_heard = 0.0
         self.sock = self._open(self.endpoint, self.name)
@@ -179,6 +182,8 @@ class BrokerLink:
             log.warning("no heartbeat from the broker for %.1fs", self.settings.heartbeat_timeout)
         if self.current:
             self._probe(now)
+        if self.leaving is not None:
+            self._drain_leaving()
         self._expire_overdue(time.monotonic())
         self.beat_handle = self.loop.call_later(self.settings.heartbeat_interval, self._beat)
 
@@ -214,12 +219,21 @@ class BrokerLink:
         old = self.sock
         with contextlib.suppress(ValueError, OSError, zmq.ZMQError):
             self.loop.remove_reader(self.fd)
+        self._close_leaving()
         if moved:
             self.sent_seq += 1
             with contextlib.suppress(zmq.ZMQError):
                 old.send_multipart([self.sent_seq.to_bytes(8, "big"),
                                     *envelope.encode(Moved(self.name))], _NOBLOCK)
-        old.close(linger=BYE_LINGER_MS if moved else 0)
+            # What the old broker routed here before it read MOVED is still on its way:
+            # keep reading that socket until its last word (a RESYNC: it forgot us), or
+            # a heartbeat timeout, so no event it acknowledged is dropped here.
+            self.leaving = old
+            self.leaving_until = time.monotonic() + self.settings.heartbeat_timeout
+            self.loop.add_reader(old.fileno(), self._drain_leaving)
+            self.loop.call_soon(self._drain_leaving)
+        else:
+            old.close(linger=0)
         self._close_probe()
         self.current = index
         self.endpoint = self.endpoints[index]
@@ -256,6 +270,35 @@ class BrokerLink:
             self.probe.send_multipart([NO_SEQ, *envelope.encode(Heartbeat(self.epoch))],
                                       _NOBLOCK)
 
+    def _drain_leaving(self) -> None:
+        """Deliver what the broker we left still sends (see _move)."""
+        sock = self.leaving
+        if sock is None:
+            return
+        done = False
+        self.on_batch(True)
+        try:
+            while int(sock.getsockopt(_EVENTS)) & _POLLIN:
+                try:
+                    messages = envelope.decode_many(sock.recv_multipart(_NOBLOCK)[1:])
+                except (zmq.Again, envelope.EnvelopeError, IndexError):
+                    break
+                traffic = [m for m in messages if not isinstance(m, _CONTROL)]
+                if traffic:
+                    self.on_message(traffic)
+                done = done or any(isinstance(m, Resync) for m in messages)
+        finally:
+            self.on_batch(False)
+        if done or time.monotonic() > self.leaving_until:
+            self._close_leaving()
+
+    def _close_leaving(self) -> None:
+        if self.leaving is not None:
+            with contextlib.suppress(ValueError, OSError, zmq.ZMQError):
+                self.loop.remove_reader(self.leaving.fileno())
+            self.leaving.close(linger=0)
+            self.leaving = None
+
     def _close_probe(self) -> None:
         if self.probe is not None:
             self.probe.close(linger=0)
@@ -273,6 +316,7 @@ class BrokerLink:
         with contextlib.suppress(ValueError, OSError, zmq.ZMQError):
             self.loop.remove_reader(self.fd)
         self._close_probe()
+        self._close_leaving()
         self.sock.close(linger=BYE_LINGER_MS)
 
     # --- sending --------------------------------------------------------------------
