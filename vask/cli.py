@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from vask import __version__
+from vask.bench.broker import broker_bench
 from vask.bench.cli import bench
 from vask.config import ConfigError, Settings, load_settings, wants_webhooks, warnings_for
 from vask.logs import setup_logging
@@ -200,6 +201,7 @@ def keys_command(folder: str, workers: tuple[str, ...]) -> None:
 
 
 main.add_command(bench)
+bench.add_command(broker_bench)
 
 
 if __name__ == "__main__":
