@@ -111,6 +111,14 @@ def _broker_main(settings: Settings, endpoint: str) -> None:
     serve(settings, endpoint)
 
 
+def _rss_kib(pid: int | None) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def _wait(workers: list[FakeWorker], done: Any, timeout: float, what: str) -> float:
     poller = zmq.Poller()
     for w in workers:
@@ -172,6 +180,7 @@ def run(workers: int, count: int, endpoint_kind: str, use_curve: bool,
 
         # one connection per (worker, k); count messages spread over the workers
         per = count // workers
+        rss_before = _rss_kib(process.pid)
         opens = [[ConnOpen(0, APP, f"{w.prefix}.{k}", 0) for k in range(per)] for w in fakes]
         for w, batch in zip(fakes, opens, strict=True):
             w.send(batch)
@@ -195,6 +204,10 @@ def run(workers: int, count: int, endpoint_kind: str, use_curve: bool,
             Subscribe(k + 1, APP, f"presence-room-{k % 100}", f"{w.prefix}.{k}",
                       [f"user-{i}-{k}", {"n": k}], 1_000_000) for k in range(per)],
             lambda b, _: sum(w.replies for w in fakes) - sum(b) >= per * workers)
+        # the broker's memory for per*workers connections, each in one plain channel
+        # and one presence channel (as member), over what it held empty
+        out["broker_kib_per_connection"] = round(
+            (_rss_kib(process.pid) - rss_before) / (per * workers), 3)
         # a channel with a subscriber on every fake worker
         for w in fakes:
             w.send([Subscribe(0, APP, "hot", f"{w.prefix}.0", None, 0)])
