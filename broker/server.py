@@ -38,8 +38,9 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
-from vask import envelope
+from vask import curve, envelope
 from vask.broker.metrics import ClusterTotals, MetricsServer, cluster_snapshot
 from vask.broker.state import ClusterState, Out
 from vask.broker.webhook_link import WebhookLink
@@ -50,6 +51,7 @@ from vask.envelope import (
     ConnOpen,
     Heartbeat,
     Hello,
+    Moved,
     Publish,
     Query,
     Reply,
@@ -73,6 +75,10 @@ _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: enum flags cost a construction per u
 #: the answer to a publish whose deliveries could not all be queued
 _UNDELIVERABLE = {"ok": False, "error": "A worker of the cluster is overloaded and the event "
                   "may not reach all subscribers; try again shortly."}
+#: the answer to a publish while this broker steps down (a worker moved to a broker
+#: earlier in its list, see Broker.step_down)
+_STEPPING_DOWN = {"ok": False, "error": "The cluster is moving to another broker; retry "
+                  "shortly."}
 #: the sequence number frame of an unnumbered message (see docs/envelope.md)
 NO_SEQ = bytes(8)
 QUEUE_LIMIT = 200_000  # ZeroMQ messages per peer, each way
@@ -175,6 +181,10 @@ class Broker:
         self.router.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
         self.max_frame = max_frame_bytes(settings)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        #: the ZAP handler admitting only authorized workers (CURVE on a TCP link)
+        self.auth: ThreadAuthenticator | None = None
+        if curve.is_tcp(endpoint) and curve.secure_server(self.router, settings):
+            self.auth = curve.start_authenticator(self.context, settings)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         if control_fd >= 0:
@@ -186,6 +196,11 @@ class Broker:
                                         settings.webhook_max_queued)
             self.poller.register(self.webhooks.socket, zmq.POLLIN)
         self.every_beat: Callable[[], None] | None = None
+        #: until this (monotonic) time, publishes are refused: workers are moving from
+        #: this broker to a preferred one (see step_down)
+        self.stepping_down_until = 0.0
+        #: workers that left for a preferred broker (MOVED)
+        self.moved = 0
         self.running = True
         self.outboxes: dict[bytes, list[list[bytes]]] = {}
         #: answers to HTTP API publishes: sent after every delivery of the same flush,
@@ -455,6 +470,9 @@ class Broker:
             return
         out: Out
         if isinstance(message, Publish):
+            if message.rid and now < self.stepping_down_until:
+                self.send([(identity, Reply(message.rid, _STEPPING_DOWN))])
+                return
             out = state.publish(identity, message, now)
             if message.rid:
                 self._answer_later(out)
@@ -483,12 +501,33 @@ class Broker:
             out = []
         elif isinstance(message, Bye):
             out = state.purge(identity)
+        elif isinstance(message, Moved):
+            out = self.step_down(identity, message, now)
         else:  # a broker -> worker verb
             self._bad(identity, envelope.EnvelopeError(
                 f"{type(message).__name__} is not for the broker"), now)
             out = []
         if out:
             self.send(out)
+
+    def step_down(self, identity: bytes, message: Moved, now: float) -> Out:
+        """A worker now follows a broker earlier in its list (failover is over, or a
+        partition healed). Forget it silently: its clients are still connected, so no
+        member_removed goes to anyone and no webhook is generated (the other broker has
+        its replay, which generates none either). The other workers here follow within a
+        heartbeat (they probe the preferred broker too); until then this broker refuses
+        acknowledged publishes, since it no longer reaches every subscriber."""
+        before = len(self.state.webhooks)
+        self.state.purge(identity)
+        del self.state.webhooks[before:]
+        self.sent_seq.pop(identity, None)
+        self.heard_seq.pop(identity, None)
+        self.moved += 1
+        self.stepping_down_until = now + self.settings.heartbeat_timeout
+        log.warning("worker %s moved to a preferred broker; stepping down (publishes "
+                    "refused for %.1fs)", message.worker[:80], self.settings.heartbeat_timeout)
+        # the last message it reads from us: everything routed to it before is ahead
+        return [(identity, Resync(self.epoch))]
 
     def _answer_later(self, out: Out) -> None:
         """Move the publish answer out of ``out`` into :attr:`acks` (see flush)."""
@@ -587,6 +626,8 @@ class Broker:
                 self.reload_from_file()
             self.turn()
         self.router.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         if self.webhooks is not None:
             self._hand_over_webhooks()
 
@@ -636,7 +677,8 @@ def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
     if settings_path:  # a reload between the fork and now sent its SIGHUP in vain
         broker.reload_from_file()
     broker.bind()
-    log.info("broker listening on %s (pid %d)", endpoint, os.getpid())
+    log.info("broker listening on %s (pid %d)%s", endpoint, os.getpid(),
+             ", CURVE" if broker.auth is not None else "")
     if settings.metrics_port:
         broker.metrics = MetricsServer()
         if not broker.metrics.start(settings.metrics_host, settings.metrics_port):

@@ -28,7 +28,9 @@ Rules it owns (the ones that need cluster-wide knowledge; docs/architecture.md):
   with half the routes, and no presence member event is sent; nor while a worker is
   syncing. When that ends, every worker is sent ``RECOVERED`` and compares the rosters
   its clients were told with this state, sending only the difference. So no client is
-  told a member twice, and members who left meanwhile are removed.
+  told a member twice, and members who left meanwhile are removed. A broker that had no
+  worker left and gets one again (a standby taking over, a preferred broker the workers
+  return to) recovers the same way, since the other workers are still on their way.
 """
 
 from __future__ import annotations
@@ -180,6 +182,13 @@ class ClusterState:
             if other.prefix == msg.prefix:
                 self.syncing.discard(identity)
                 return [*out, (identity, Welcome(False, self.epoch, "socket id prefix in use"))]
+        if not self.workers and not self.recovering:
+            # The first worker of a broker that had none: a standby taking over, or a
+            # preferred broker that workers come back to. The others are on their way
+            # with their replays; until they are in (the recovery window), routing with
+            # half the routes would acknowledge events some subscribers never get.
+            self.recovering = True
+            self.recovery_deadline = None
         self.workers[identity] = WorkerInfo(identity, msg.worker, msg.epoch, msg.prefix, now)
         self.syncing.add(identity)
         return [*out, (identity, Welcome(True, self.epoch, ""))]

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from vask import __version__
+from vask.bench.broker import broker_bench
 from vask.bench.cli import bench
 from vask.config import ConfigError, Settings, load_settings, wants_webhooks, warnings_for
 from vask.logs import setup_logging
@@ -50,7 +51,9 @@ def main() -> None:
                                  "docs/configuration.md). [env: VASK_CONFIG]")
 @click.option("--broker", envvar="VASK_BROKER", default=None,
               help="Join an external broker at this ZeroMQ endpoint (tcp://HOST:PORT) "
-                   "instead of starting one. [env: VASK_BROKER]")
+                   "instead of starting one; a comma-separated list names standby "
+                   "brokers in order of preference. Off this host it needs the CURVE "
+                   "keys below (see `vask keys`). [env: VASK_BROKER]")
 @click.option("--log-level", envvar="VASK_LOG_LEVEL", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log verbosity (default info). [env: VASK_LOG_LEVEL]")
@@ -69,10 +72,22 @@ def main() -> None:
 @click.option("--log-format", envvar="VASK_LOG_FORMAT", default=None,
               type=click.Choice(["text", "json"]),
               help="text (default) or json: one JSON object per line. [env: VASK_LOG_FORMAT]")
+@click.option("--broker-public-key", envvar="VASK_BROKER_PUBLIC_KEY", default=None,
+              type=click.Path(dir_okay=False),
+              help="The broker's public key file (broker.key from `vask keys`). "
+                   "[env: VASK_BROKER_PUBLIC_KEY]")
+@click.option("--curve-secret-key", envvar="VASK_CURVE_SECRET_KEY", default=None,
+              type=click.Path(dir_okay=False),
+              help="This host's worker secret key file (NAME.key_secret from `vask keys`). "
+                   "[env: VASK_CURVE_SECRET_KEY]")
+@click.option("--insecure-broker", is_flag=True, default=None,
+              help="Allow a plain TCP broker link off this host (no encryption, no "
+                   "authentication). [env: VASK_INSECURE_BROKER]")
 def run(host: str | None, port: int | None, workers: int | None, config: str | None,
         broker: str | None, log_level: str | None, pid_file: str | None,
         metrics_port: int | None, tls_cert: str | None, tls_key: str | None,
-        log_format: str | None) -> None:
+        log_format: str | None, broker_public_key: str | None = None,
+        curve_secret_key: str | None = None, insecure_broker: bool | None = None) -> None:
     """Start the supervisor, the broker and the worker processes.
 
     SIGHUP reloads the configuration, SIGUSR2 restarts the workers one by one, SIGTERM
@@ -80,10 +95,14 @@ def run(host: str | None, port: int | None, workers: int | None, config: str | N
     """
     overrides = {"host": host, "port": port, "workers": workers, "broker": broker,
                  "log_level": log_level, "pid_file": pid_file, "metrics_port": metrics_port,
-                 "tls_cert": tls_cert, "tls_key": tls_key, "log_format": log_format}
+                 "tls_cert": tls_cert, "tls_key": tls_key, "log_format": log_format,
+                 "broker_public_key": broker_public_key,
+                 "curve_secret_key": curve_secret_key,
+                 "insecure_broker": insecure_broker or None}
     settings = _load(config, overrides)
+    link_warnings = _check_link(settings, "worker", settings.broker)
     setup_logging(settings.log_level, "supervisor", settings.log_format)
-    for warning in warnings_for(settings):
+    for warning in warnings_for(settings) + link_warnings:
         log.warning("%s", warning)
     from vask.supervisor import Supervisor
 
@@ -113,9 +132,24 @@ def _banner(settings: Settings, port: int) -> None:
         click.echo(f"    HTTP API:  http{tls}://{host}:{port}/apps/{app.id}/events", err=True)
 
 
+def _check_link(settings: Settings, role: str, endpoints: str) -> list[str]:
+    """The CURVE key files, and the rule that a TCP link off the host is encrypted
+    (vask/curve.py); a problem is one line and exit 2, like any configuration error."""
+    from vask import curve
+
+    try:
+        curve.check_keys(settings)
+        return curve.check_link(settings, role, curve.endpoints(endpoints))
+    except ConfigError as exc:
+        click.echo(f"vask: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
 @main.command("broker")
 @click.option("--bind", "endpoint", envvar="VASK_BROKER", required=True,
-              help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:7001. [env: VASK_BROKER]")
+              help="ZeroMQ endpoint to bind, e.g. tcp://10.0.0.5:7001 (with "
+                   "--curve-secret-key and --authorized-keys-dir), or ipc://PATH. "
+                   "[env: VASK_BROKER]")
 @click.option("--config", "config", envvar="VASK_CONFIG", type=click.Path(dir_okay=False),
               default=None, help="The same TOML config the workers use. [env: VASK_CONFIG]")
 @click.option("--log-level", envvar="VASK_LOG_LEVEL", default=None,
@@ -125,12 +159,35 @@ def _banner(settings: Settings, port: int) -> None:
                    "0 turns it off. [env: VASK_METRICS_PORT]")
 @click.option("--log-format", envvar="VASK_LOG_FORMAT", default=None,
               type=click.Choice(["text", "json"]))
+@click.option("--curve-secret-key", envvar="VASK_CURVE_SECRET_KEY", default=None,
+              type=click.Path(dir_okay=False),
+              help="The broker's secret key file (broker.key_secret from `vask keys`). "
+                   "[env: VASK_CURVE_SECRET_KEY]")
+@click.option("--authorized-keys-dir", envvar="VASK_AUTHORIZED_KEYS_DIR", default=None,
+              type=click.Path(file_okay=False),
+              help="Folder of the worker public keys this broker admits. "
+                   "[env: VASK_AUTHORIZED_KEYS_DIR]")
+@click.option("--insecure-broker", is_flag=True, default=None,
+              help="Allow binding a non-loopback TCP address without CURVE keys. "
+                   "[env: VASK_INSECURE_BROKER]")
 def broker_command(endpoint: str, config: str | None, log_level: str | None,
-                   metrics_port: int | None, log_format: str | None) -> None:
+                   metrics_port: int | None, log_format: str | None,
+                   curve_secret_key: str | None = None, authorized_keys_dir: str | None = None,
+                   insecure_broker: bool | None = None) -> None:
     """Run a broker alone, for workers on several hosts (`vask run --broker ...`)."""
     settings = _load(config, {"broker": endpoint, "log_level": log_level,
-                              "metrics_port": metrics_port, "log_format": log_format})
+                              "metrics_port": metrics_port, "log_format": log_format,
+                              "curve_secret_key": curve_secret_key,
+                              "authorized_keys_dir": authorized_keys_dir,
+                              "insecure_broker": insecure_broker or None})
+    if "," in endpoint:
+        click.echo("vask: configuration error: --bind: one endpoint per broker (standbys "
+                   "are separate `vask broker` processes)", err=True)
+        sys.exit(2)
+    link_warnings = _check_link(settings, "broker", endpoint)
     setup_logging(settings.log_level, "broker", settings.log_format)
+    for warning in link_warnings:
+        log.warning("%s", warning)
     set_process_name("vask-broker")
     from vask.broker.server import serve
     from vask.supervisor import SenderKeeper, webhook_store
@@ -206,7 +263,37 @@ def config_check(file: str | None, fmt: str) -> None:
         click.echo(f"vask: warning: {warning}", err=True)
 
 
+@main.command("keys")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--worker", "workers", multiple=True, default=("worker",), show_default=True,
+              help="Name of a worker key pair to create (repeat for one pair per host).")
+def keys_command(folder: str, workers: tuple[str, ...]) -> None:
+    """Create CURVE key pairs for a broker link across hosts.
+
+    Writes FOLDER/broker.key (public: copy it to every host) and broker.key_secret
+    (only on the broker hosts, active and standby), one NAME.key / NAME.key_secret per
+    --worker, and FOLDER/authorized/ with the workers' public keys (the brokers'
+    authorized_keys_dir). The folder is 0700 and secret files 0600; existing files are
+    kept, so running it again with a new --worker only adds that pair.
+    """
+    from pathlib import Path
+
+    from vask import curve
+
+    for name in workers:
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or name == "broker":
+            click.echo(f"vask: --worker {name!r}: use letters, digits, '-', '_', '.' "
+                       "(and not 'broker')", err=True)
+            sys.exit(2)
+    written = curve.generate(Path(folder), list(workers))
+    for path in written:
+        click.echo(str(path))
+    if not written:
+        click.echo("vask: every key pair already exists; nothing written", err=True)
+
+
 main.add_command(bench)
+bench.add_command(broker_bench)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,14 @@ class Settings:
     #: the broker's Prometheus listener (docs/metrics.md); port 0 = no listener
     metrics_port: int = 9601
     metrics_host: str = "127.0.0.1"
+    #: CURVE on a TCP broker link (docs/security.md): the broker's public key file (on
+    #: worker hosts), this process's own secret key file (broker or worker), and the
+    #: folder of worker public keys the broker admits
+    broker_public_key: str = ""
+    curve_secret_key: str = ""
+    authorized_keys_dir: str = ""
+    #: allow a plain (unencrypted, unauthenticated) TCP broker link off this host
+    insecure_broker: bool = False
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -234,6 +242,10 @@ _SERVER_KEYS = {
     "trusted_proxies": list,
     "log_format": str,
     "proxy_protocol": bool,
+    "broker_public_key": str,
+    "curve_secret_key": str,
+    "authorized_keys_dir": str,
+    "insecure_broker": bool,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -459,6 +471,7 @@ def _check_settings(settings: Settings) -> None:
                           "line would come before the TLS handshake); end TLS in the proxy")
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
+    _check_broker_list(settings.broker)
     seen: dict[str, str] = {}
     for i, app in enumerate(settings.apps):
         for name in ("id", "key"):
@@ -496,6 +509,20 @@ def _check_tls(settings: Settings) -> None:
         raise ConfigError(f"server.tls_cert: {settings.tls_cert!r} and {settings.tls_key!r} "
                           f"do not load as a PEM certificate chain and its key "
                           f"({getattr(exc, 'reason', None) or exc})") from None
+
+
+def _check_broker_list(value: str) -> None:
+    """``broker`` may list several endpoints, comma-separated, in order of preference
+    (failover, docs/operations.md "Several hosts"); each must be a ZeroMQ endpoint."""
+    if "," not in value:
+        return
+    parts = [part.strip() for part in value.split(",")]
+    for part in parts:
+        if not part.startswith(("ipc://", "tcp://")):
+            raise ConfigError(f"server.broker: {part!r} in the list must start with "
+                              "ipc:// or tcp://")
+    if len(set(parts)) != len(parts):
+        raise ConfigError("server.broker: an endpoint appears twice in the list")
 
 
 def load_settings(

@@ -280,12 +280,22 @@ class Stats(Verb):
     stats: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Moved(Verb):
+    """Worker -> broker: I now follow a broker earlier in my list of endpoints; forget
+    me without any event (my clients are still connected, over there). A broker that
+    gets it steps down for a while (docs/operations.md, "Several hosts")."""
+
+    VERB = b"MOVED"
+    worker: str
+
+
 VERBS: dict[bytes, type[Verb]] = {
     cls.VERB: cls
     for cls in (
         Hello, Welcome, Heartbeat, Resync, Synced, Recovered, Bye, ConnOpen, ConnClose, Subscribe,
         Unsubscribe, SignIn, Publish, Deliver, DeliverTo, Terminate, TerminateUser, Query,
-        Reply, Stats,
+        Reply, Stats, Moved,
     )
 }
 
@@ -396,6 +406,7 @@ _CHECKS: dict[type[Verb], tuple[_Check, ...]] = {
     Query: (_count, _name, _name, _object),
     Reply: (_count, _object),
     Stats: (_count, _snapshot),
+    Moved: (_name,),
 }
 assert _CHECKS.keys() == _FIELDS.keys()
 assert all(len(_CHECKS[cls]) == len(_FIELDS[cls]) for cls in _CHECKS)

@@ -32,13 +32,14 @@ from typing import Any
 
 import zmq
 
-from vask import envelope
+from vask import curve, envelope
 from vask.config import Settings
 from vask.envelope import (
     ENVELOPE_VERSION,
     Bye,
     Heartbeat,
     Hello,
+    Moved,
     Recovered,
     Reply,
     Resync,
@@ -109,22 +110,27 @@ class BrokerLink:
         self.caught_up.set()
         self.loop = asyncio.get_running_loop()
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self.sock = self.context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        # Bounded: while the broker is away nothing piles up without limit (a restarted
-        # broker gets this worker's state by replay anyway).
-        self.sock.setsockopt(zmq.SNDHWM, QUEUE_LIMIT)
-        self.sock.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        self.sock.connect(endpoint)
+        #: the brokers to follow, in order of preference (failover; see _move)
+        self.endpoints = curve.endpoints(endpoint) or [endpoint]
+        #: the index in ``endpoints`` of the broker this link talks to
+        self.current = 0
+        self.endpoint = self.endpoints[0]
+        #: a socket asking a preferred broker whether it is back (see _probe)
+        self.probe: zmq.Socket[bytes] | None = None
+        self.probe_index = 0
+        self.probe_since = 0.0
+        #: the socket to the broker this worker just left, read until it is done
+        self.leaving: zmq.Socket[bytes] | None = None
+        self.leaving_until = 0.0
+        self.counters["broker_moves"] = 0
+        self.last_heard = 0.0
+        self.sock = self._open(self.endpoint, self.name)
+        self.last_heard = time.monotonic()  # a fresh link gets a full heartbeat window
         self.welcomed = False
         #: the broker has every worker's state (RECOVERED since our last hello): until
         #: then it refuses HTTP API publishes, and this worker reports not ready
         self.recovered = False
         self.broker_epoch = 0
-        self.last_heard = 0.0
         self.next_rid = 1
         #: rid -> (callback, deadline, time sent), both on the monotonic clock
         self.pending: dict[int, tuple[ReplyCallback, float, float]] = {}
@@ -168,16 +174,143 @@ class BrokerLink:
             callback(None)
 
     def _beat(self) -> None:
+        now = time.monotonic()
+        silent = now - self.last_heard > self.settings.heartbeat_timeout
+        if silent and len(self.endpoints) > 1:
+            nxt = (self.current + 1) % len(self.endpoints)
+            self._move(nxt, f"no heartbeat from {self.endpoint} for "
+                            f"{self.settings.heartbeat_timeout:.1f}s", moved=False)
         self.send(Heartbeat(self.epoch))
         if self.welcomed:
             # cumulative figures: one lost on the way is made good by the next
             self.send(Stats(self.epoch, self.metrics.snapshot()))
         if not self.welcomed:
             self.say_hello()  # also retries a hello the broker never got
-        elif time.monotonic() - self.last_heard > self.settings.heartbeat_timeout:
+        elif silent:
             log.warning("no heartbeat from the broker for %.1fs", self.settings.heartbeat_timeout)
+        if self.current:
+            self._probe(now)
+        if self.leaving is not None:
+            self._drain_leaving()
         self._expire_overdue(time.monotonic())
         self.beat_handle = self.loop.call_later(self.settings.heartbeat_interval, self._beat)
+
+    # --- failover -------------------------------------------------------------------
+
+    def _open(self, endpoint: str, identity: str) -> zmq.Socket[bytes]:
+        """A DEALER to ``endpoint``, with CURVE when the keys are configured."""
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        # Bounded: while the broker is away nothing piles up without limit (a restarted
+        # broker gets this worker's state by replay anyway).
+        sock.setsockopt(zmq.SNDHWM, QUEUE_LIMIT)
+        sock.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if curve.is_tcp(endpoint):
+            curve.secure_client(sock, self.settings)
+        sock.connect(endpoint)
+        return sock
+
+    def _move(self, index: int, why: str, moved: bool) -> None:
+        """Follow the broker ``endpoints[index]`` from now on: a new socket, a hello and
+        (once welcomed, since the broker's epoch differs) the replay of this worker's
+        state, as after a broker restart.
+
+        ``moved``: the broker we leave is alive (a preferred one came back); it is told
+        MOVED so that it forgets us without events and steps down.
+        """
+        log.warning("moving to broker %s: %s", self.endpoints[index], why)
+        self.counters["broker_moves"] += 1
+        self.outbox = []  # meant for the broker we leave; the replay supersedes it
+        old = self.sock
+        with contextlib.suppress(ValueError, OSError, zmq.ZMQError):
+            self.loop.remove_reader(self.fd)
+        self._close_leaving()
+        if moved:
+            self.sent_seq += 1
+            with contextlib.suppress(zmq.ZMQError):
+                old.send_multipart([self.sent_seq.to_bytes(8, "big"),
+                                    *envelope.encode(Moved(self.name))], _NOBLOCK)
+            # What the old broker routed here before it read MOVED is still on its way:
+            # keep reading that socket until its last word (a RESYNC: it forgot us), or
+            # a heartbeat timeout, so no event it acknowledged is dropped here.
+            self.leaving = old
+            self.leaving_until = time.monotonic() + self.settings.heartbeat_timeout
+            self.loop.add_reader(old.fileno(), self._drain_leaving)
+            self.loop.call_soon(self._drain_leaving)
+        else:
+            old.close(linger=0)
+        self._close_probe()
+        self.current = index
+        self.endpoint = self.endpoints[index]
+        self.sock = self._open(self.endpoint, self.name)
+        self.fd = self.sock.fileno()
+        self.loop.add_reader(self.fd, self.drain)
+        self.last_heard = time.monotonic()
+        self.say_hello()
+
+    def _probe(self, now: float) -> None:
+        """While following a broker other than the first, ask the preferred ones (in
+        order, each for one heartbeat timeout) whether they are back: a heartbeat from
+        a second identity, which a live broker answers with RESYNC (it does not know
+        that identity). An answer moves this worker there."""
+        probe = self.probe
+        if probe is not None:
+            try:
+                probe.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                if now - self.probe_since < self.settings.heartbeat_timeout:
+                    with contextlib.suppress(zmq.Again):
+                        probe.send_multipart(
+                            [NO_SEQ, *envelope.encode(Heartbeat(self.epoch))], _NOBLOCK)
+                    return
+                self._close_probe()
+                self.probe_index = (self.probe_index + 1) % self.current
+            else:
+                self._move(self.probe_index, "a preferred broker answers again", moved=True)
+                return
+        self.probe_index = min(self.probe_index, self.current - 1)
+        self.probe = self._open(self.endpoints[self.probe_index], f"{self.name}:probe")
+        self.probe_since = now
+        with contextlib.suppress(zmq.Again):
+            self.probe.send_multipart([NO_SEQ, *envelope.encode(Heartbeat(self.epoch))],
+                                      _NOBLOCK)
+
+    def _drain_leaving(self) -> None:
+        """Deliver what the broker we left still sends (see _move)."""
+        sock = self.leaving
+        if sock is None:
+            return
+        done = False
+        self.on_batch(True)
+        try:
+            while int(sock.getsockopt(_EVENTS)) & _POLLIN:
+                try:
+                    messages = envelope.decode_many(sock.recv_multipart(_NOBLOCK)[1:])
+                except (zmq.Again, envelope.EnvelopeError, IndexError):
+                    break
+                traffic = [m for m in messages if not isinstance(m, _CONTROL)]
+                if traffic:
+                    self.on_message(traffic)
+                done = done or any(isinstance(m, Resync) for m in messages)
+        finally:
+            self.on_batch(False)
+        if done or time.monotonic() > self.leaving_until:
+            self._close_leaving()
+
+    def _close_leaving(self) -> None:
+        if self.leaving is not None:
+            with contextlib.suppress(ValueError, OSError, zmq.ZMQError):
+                self.loop.remove_reader(self.leaving.fileno())
+            self.leaving.close(linger=0)
+            self.leaving = None
+
+    def _close_probe(self) -> None:
+        if self.probe is not None:
+            self.probe.close(linger=0)
+            self.probe = None
 
     def close(self) -> None:
         """Say goodbye (the broker purges our connections at once) and close."""
@@ -191,6 +324,8 @@ class BrokerLink:
         self.pending.clear()
         with contextlib.suppress(ValueError, OSError, zmq.ZMQError):
             self.loop.remove_reader(self.fd)
+        self._close_probe()
+        self._close_leaving()
         self.sock.close(linger=BYE_LINGER_MS)
 
     # --- sending --------------------------------------------------------------------
