@@ -10,7 +10,7 @@ Rules it owns (the ones that need cluster-wide knowledge; docs/architecture.md):
   there, never per recipient. Per-channel order is the order publishes arrive here.
 * Occupancy: a channel is occupied while its subscription count (all workers) is > 0;
   0 -> 1 is ``channel_occupied``, 1 -> 0 ``channel_vacated``.
-* Presence (spec §5): membership is per user id. ``member_added`` goes out when a user's
+* Presence: membership is per user id. ``member_added`` goes out when a user's
   first connection joins the channel anywhere, ``member_removed`` when its last one
   leaves (unsubscribe, close, or its worker's purge); never to the connection that
   caused it. A new user over ``max_members`` is refused (LimitReached, 4100).
@@ -573,7 +573,7 @@ class ClusterState:
                 self.count_dirty.add(key)
 
     def flush_counts(self, now: float) -> Out:
-        """Send coalesced ``pusher_internal:subscription_count`` events (spec §13.5);
+        """Send coalesced ``pusher_internal:subscription_count`` events;
         none while the state is being rebuilt (the counts would be partial)."""
         if self.recovering or self.syncing:
             return []

@@ -1,4 +1,4 @@
-"""Tests of vask.api_rules: signatures (spec §8.2 vectors), app lookup, event bodies,
+"""Tests of vask.api_rules: signatures (known vectors), app lookup, event bodies,
 ``info`` rules and the backend token bucket. No sockets, no broker."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from vask.api_rules import (
 )
 from vask.config import App, Settings
 
-# Credentials of the spec §8.2 worked example.
+# Credentials of a worked signing example.
 KEY = "278d425bdf160c739803"
 SECRET = "7ad3773142a6692b25b8"
 TS = 1353088179
@@ -74,7 +74,7 @@ def error_of(excinfo: pytest.ExceptionInfo[ApiError]) -> tuple[int, str]:
     return excinfo.value.status, excinfo.value.message
 
 
-# --- spec §8.2 vectors -----------------------------------------------------------------
+# --- signing vectors -------------------------------------------------------------------
 
 
 def test_spec_post_events_vector() -> None:
@@ -97,7 +97,7 @@ def test_spec_get_channels_vector() -> None:
 
 
 def test_spec_get_channels_vector_python_style_with_empty_body_md5() -> None:
-    # pusher-http-python signs body_md5 of the empty body even on GET (spec §8.2 quirks).
+    # pusher-http-python signs body_md5 of the empty body even on GET.
     query = (
         f"auth_key={KEY}&auth_timestamp={TS}&auth_version=1.0"
         "&body_md5=d41d8cd98f00b204e9800998ecf8427e"
@@ -373,7 +373,7 @@ def test_event_name_length_limit() -> None:
 
 
 def test_event_name_characters_not_validated() -> None:
-    # spec §3.2: Laravel event names carry dots and backslashes.
+    # Laravel event names carry dots and backslashes.
     assert parse_event(APP, event(name="App\\Events\\OrderShipped")).name.startswith("App")
 
 

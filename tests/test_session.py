@@ -118,7 +118,7 @@ def test_duplicate_subscribe_is_an_error_and_keeps_one_subscription() -> None:
 
 
 def test_private_subscribe_with_the_spec_signature() -> None:
-    # spec §4.1 vector: 1234.1234:private-foobar
+    #  vector: 1234.1234:private-foobar
     auth = "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4"
     s = session()
     actions = feed(s, {"event": "pusher:subscribe",

@@ -1,14 +1,13 @@
-"""The rules of the Pusher HTTP API, with no sockets and no broker (spec §8).
+"""The rules of the Pusher HTTP API, with no sockets and no broker.
 
 Everything here is a pure function of its arguments (the clock is passed in), so the
 rules are tested by feeding requests in and reading decisions out:
 
 * which app a request is for (:func:`app_for_segment`, :func:`app_for_auth_key`);
-* whether its signature holds (:func:`verify_signature`, spec §8.2);
-* whether an event body is acceptable (:func:`parse_event`, :func:`parse_batch`,
-  spec §8.3, §8.4, §11);
+* whether its signature holds (:func:`verify_signature`);
+* whether an event body is acceptable (:func:`parse_event`, :func:`parse_batch`);
 * which ``info`` attributes may be asked for where (:func:`parse_info` and the
-  ``check_*_info`` helpers, spec §8.5, §8.6, §13.2);
+  ``check_*_info`` helpers);
 * how many backend events an app may publish per second (:class:`TokenBucket`).
 
 Every refusal is one exception type, :class:`ApiError`, carrying the HTTP status and a
@@ -58,11 +57,11 @@ __all__ = [
     "verify_signature",
 ]
 
-#: spec §8.2: a request is accepted only within this many seconds of the server clock.
+#: a request is accepted only within this many seconds of the server clock.
 TIMESTAMP_WINDOW = 600
-#: MD5 of the empty body, which pusher-http-python signs even on GET (spec §8.2 quirks).
+#: MD5 of the empty body, which pusher-http-python signs even on GET.
 EMPTY_BODY_MD5 = body_md5(b"")
-#: ``info`` attributes each endpoint understands (spec §8.3, §8.5, §8.6).
+#: ``info`` attributes each endpoint understands.
 TRIGGER_INFO = frozenset({"subscription_count", "user_count"})
 CHANNELS_INFO = frozenset({"subscription_count", "user_count"})
 CHANNEL_INFO = frozenset({"subscription_count", "user_count", "cache"})
@@ -91,7 +90,7 @@ class ApiError(Exception):
 
 
 def parse_query(raw_query: str) -> list[tuple[str, str]]:
-    """The decoded ``(name, value)`` pairs of a raw query string, blanks kept (spec §8.2)."""
+    """The decoded ``(name, value)`` pairs of a raw query string, blanks kept."""
     return parse_qsl(raw_query, keep_blank_values=True)
 
 
@@ -145,7 +144,7 @@ def app_for_segment(settings: Settings, segment: str) -> App:
 
 def app_for_auth_key(settings: Settings, params: Sequence[tuple[str, str]]) -> App:
     """The app of a path without ``/apps/{app}`` (pusher-http-python's
-    ``/users/{id}/terminate_connections``, spec §8.8), found by its ``auth_key``."""
+    ``/users/{id}/terminate_connections``), found by its ``auth_key``."""
     keys = [v for k, v in params if k.lower() == "auth_key"]
     if not keys:
         raise ApiError(401, "Missing auth_key query parameter: it names the app on this path.")
@@ -155,7 +154,7 @@ def app_for_auth_key(settings: Settings, params: Sequence[tuple[str, str]]) -> A
     return app
 
 
-# --- signatures (spec §8.2) --------------------------------------------------------
+# --- signatures --------------------------------------------------------
 
 
 def _single_params(params: Sequence[tuple[str, str]]) -> dict[str, str]:
@@ -188,7 +187,7 @@ def verify_signature(
 ) -> None:
     """Check a request's authentication parameters; raise 401 naming what is wrong.
 
-    The steps are those of spec §8.2 ("Vask algorithm", steps 2-5):
+    The steps:
 
     1. ``auth_key``, ``auth_timestamp``, ``auth_version`` and ``auth_signature`` are
        present; ``auth_key`` is this app's key; ``auth_version`` is ``1.0``.
@@ -267,7 +266,7 @@ def verify_signature(
     )
 
 
-# --- info attributes (spec §13.2) ---------------------------------------------------
+# --- info attributes ---------------------------------------------------
 
 
 def parse_info(raw: object, allowed: frozenset[str]) -> frozenset[str]:
@@ -289,7 +288,7 @@ def parse_info(raw: object, allowed: frozenset[str]) -> frozenset[str]:
 
 def check_channels_info(info: frozenset[str], prefix: str) -> None:
     """``GET /channels``: ``user_count`` only when the filter restricts to presence
-    channels (spec §8.5); ``subscription_count`` is a Vask extension allowed always."""
+    channels; ``subscription_count`` is a Vask extension allowed always."""
     if "user_count" in info and not prefix.startswith("presence-"):
         raise ApiError(
             400,
@@ -299,7 +298,7 @@ def check_channels_info(info: frozenset[str], prefix: str) -> None:
 
 
 def check_channel_info(info: frozenset[str], channel: str) -> None:
-    """``GET /channels/{channel}``: an attribute the channel kind lacks → 400 (spec §8.6)."""
+    """``GET /channels/{channel}``: an attribute the channel kind lacks → 400."""
     kind = kind_of(channel)
     if "user_count" in info and not kind.presence:
         raise ApiError(400, f"info=user_count is only available for presence channels, "
@@ -310,7 +309,7 @@ def check_channel_info(info: frozenset[str], channel: str) -> None:
 
 
 def check_channel_name(app: App, channel: str, *, internal_ok: bool = False) -> None:
-    """400 unless ``channel`` is a valid channel name (spec §3.2).
+    """400 unless ``channel`` is a valid channel name.
 
     ``#server-to-user-…`` names are accepted only where ``internal_ok`` (triggers).
     """
@@ -322,7 +321,7 @@ def check_channel_name(app: App, channel: str, *, internal_ok: bool = False) -> 
 
 
 def check_user_id(app: App, user_id: str) -> str:
-    """400 unless ``user_id`` can name a user channel; returns that channel (spec §3.4)."""
+    """400 unless ``user_id`` can name a user channel; returns that channel."""
     if not user_id:
         raise ApiError(400, "The user id in the path is empty.")
     channel = user_channel(user_id)
@@ -337,7 +336,7 @@ def check_user_id(app: App, user_id: str) -> str:
     return channel
 
 
-# --- event bodies (spec §8.3, §8.4, §11) ---------------------------------------------
+# --- event bodies ---------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +346,7 @@ class Event:
     name: str
     channels: tuple[str, ...]
     data: str
-    socket_id: str  # "" = exclude nobody (spec §13.1)
+    socket_id: str  # "" = exclude nobody
     info: frozenset[str]
 
 
@@ -399,7 +398,7 @@ def _socket_id(raw: Mapping[str, Any]) -> str:
 
 
 def _channels(app: App, raw: Mapping[str, Any]) -> tuple[str, ...]:
-    # spec §8.3: ``channels`` wins when both are present.
+    # ``channels`` wins when both are present.
     if raw.get("channels") is not None:
         listed = raw["channels"]
         if not isinstance(listed, list):
@@ -426,7 +425,7 @@ def _channels(app: App, raw: Mapping[str, Any]) -> tuple[str, ...]:
         unique[name] = None
     channels = tuple(unique)
     if len(channels) > 1 and any(kind_of(ch).encrypted for ch in channels):
-        # spec §11: an encrypted channel's data is encrypted for that channel alone.
+        # an encrypted channel's data is encrypted for that channel alone.
         raise ApiError(
             400,
             "An encrypted channel (private-encrypted-…) must be triggered alone, not "
@@ -466,7 +465,7 @@ def parse_event(
 
 
 def parse_batch(app: App, body: Mapping[str, Any]) -> list[Event]:
-    """Validate a ``batch_events`` body; every item or none (spec §8.4).
+    """Validate a ``batch_events`` body; every item or none.
 
     Each item names exactly one channel (``channel``, or ``channels`` with one entry).
     """
@@ -488,7 +487,7 @@ def parse_batch(app: App, body: Mapping[str, Any]) -> list[Event]:
     return events
 
 
-# --- backend rate limit (spec §12.5 max_backend_events_per_second) --------------------
+# --- backend rate limit --------------------
 
 
 @dataclass(slots=True)

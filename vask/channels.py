@@ -1,4 +1,4 @@
-"""Channel kinds and channel-name rules (spec §3).
+"""Channel kinds and channel-name rules.
 
 Kinds are decided by prefix, most specific first (Pusher channel types). Names may hold only
 ``[-a-zA-Z0-9_=@,.;]`` and be at most the app's ``max_channel_name_length`` long; the

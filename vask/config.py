@@ -39,7 +39,7 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the key and what is wrong with it."""
 
 
-#: webhook events sent unless an endpoint lists its own (spec §9.2); subscription_count
+#: webhook events sent unless an endpoint lists its own; subscription_count
 #: is opt-in
 DEFAULT_WEBHOOK_EVENTS = (
     "channel_occupied",
@@ -71,7 +71,7 @@ class Webhook:
 
 @dataclass(frozen=True, slots=True)
 class App:
-    """An app: credentials, switches and limits (spec §12.5 defaults)."""
+    """An app: credentials, switches and limits."""
 
     id: str
     key: str

@@ -1,4 +1,4 @@
-"""Server -> client Pusher frames, as the exact JSON bytes sent (spec §1.6, §2.2).
+"""Server -> client Pusher frames, as the exact JSON bytes sent.
 
 ``data`` types follow the spec's table: JSON *strings* for connection_established,
 subscription_succeeded, member events, pong, subscription_count and watchlist events;

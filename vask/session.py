@@ -8,11 +8,11 @@ messages out (``tests/test_session.py``).
 
 Rules (spec sections in brackets):
 
-* Any frame must be a JSON object with a string ``event`` (§1.6); otherwise a
+* Any frame must be a JSON object with a string ``event``; otherwise a
   ``pusher:error`` (code null) and the connection stays open. ``data`` of ``pusher:``
   events may be an object or a JSON string holding one.
-* ``pusher:ping`` -> ``pusher:pong``; ``pusher:pong`` is accepted silently (§1.7).
-* ``pusher:subscribe`` (§2.1, §3, §4, §13.3):
+* ``pusher:ping`` -> ``pusher:pong``; ``pusher:pong`` is accepted silently.
+* ``pusher:subscribe``:
     - invalid name -> ``pusher:subscription_error`` InvalidChannel / 4009;
     - already subscribed (or pending) -> ``pusher:error`` "Existing subscription ...";
     - ``#server-to-user-{id}``: acknowledged only for the connection signed in as ``id``
@@ -32,7 +32,7 @@ Rules (spec sections in brackets):
       answer itself when the broker already routes the channel to it. Only the answer
       to the subscribe still pending settles it: after a leave and rejoin, the answer
       to the first subscribe is ignored.
-* ``pusher:unsubscribe`` of a channel not subscribed is ignored (§13.3). Any other
+* ``pusher:unsubscribe`` of a channel not subscribed is ignored. Any other
   unsubscribe is always honoured (refusing it would keep events flowing that the client
   asked to stop), but takes a token from the subscription bucket when one is there.
 * The subscription bucket: per connection, refilled at ``max_subscriptions_per_second``,
@@ -40,10 +40,10 @@ Rules (spec sections in brackets):
   a reconnecting client can resubscribe everything at once while sustained churn, such as
   a presence join/leave loop that broadcasts to every member, is bounded. A subscribe
   pays after the name, duplicate and channel-count checks and before the signature check.
-* ``pusher:signin`` (§4.4): ``auth`` over ``socket_id::user::user_data``; ``user_data``
+* ``pusher:signin``: ``auth`` over ``socket_id::user::user_data``; ``user_data``
   a JSON object with a non-empty ``id``; a connection keeps its first identity; the
   watchlist is cut to ``max_watchlist_size`` with a 4302 error.
-* Client events (§6): the app enables them; ``client-`` prefix; private or presence
+* Client events: the app enables them; ``client-`` prefix; private or presence
   channel, not encrypted; sender subscribed; name and payload limits; at most
   ``max_client_events_per_second``; relayed to everyone else with the sender's presence
   ``user_id`` added on presence channels. Each violation is a ``pusher:error`` and the
@@ -134,7 +134,7 @@ def _data_object(value: Any) -> dict[str, Any] | None:
 
 
 def _user_id(value: Any) -> str | None:
-    """Presence/sign-in user ids: non-empty strings, or integers in string form (§4.3)."""
+    """Presence/sign-in user ids: non-empty strings, or integers in string form."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -179,7 +179,7 @@ class PusherSession:
         self.watchlist: list[str] = []
         #: presence channel -> [user_id, user_info] (kept to replay to a restarted broker)
         self.members: dict[str, list[Any]] | None = None
-        #: True once signed in or subscribed to a private/presence channel (§13.6)
+        #: True once signed in or subscribed to a private/presence channel
         self.authorized = False
         self.rate_second = 0
         self.rate_count = 0

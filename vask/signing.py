@@ -1,4 +1,4 @@
-"""HMAC-SHA256 signatures of the Pusher protocol (spec §4.1, §8.2, §9.1).
+"""HMAC-SHA256 signatures of the Pusher protocol.
 
 All signatures are lowercase hex HMAC-SHA256 keyed by the app secret. Verification always
 compares in constant time (:func:`hmac.compare_digest`).
@@ -19,7 +19,7 @@ def sign(secret: str, message: str | bytes) -> str:
 
 def channel_string(socket_id: str, channel: str, channel_data: str | None = None) -> str:
     """The string signed for a private (``socket_id:channel``) or presence
-    (``socket_id:channel:channel_data``) subscription (spec §4.1)."""
+    (``socket_id:channel:channel_data``) subscription."""
     if channel_data is None:
         return f"{socket_id}:{channel}"
     return f"{socket_id}:{channel}:{channel_data}"
@@ -46,7 +46,7 @@ def verify_auth(key: str, secret: str, auth: object, string_to_sign: str) -> boo
 
 def http_string_to_sign(method: str, path: str, params: Iterable[tuple[str, str]]) -> str:
     """``METHOD\\nPATH\\nk=v&...`` over the decoded query minus ``auth_signature``,
-    keys lower-cased and sorted (spec §8.2)."""
+    keys lower-cased and sorted."""
     pairs = sorted(
         (k.lower(), v) for k, v in params if k.lower() != "auth_signature"
     )

@@ -1,4 +1,4 @@
-"""The Pusher HTTP API endpoints, as the worker calls them (Pusher HTTP API spec §8).
+"""The Pusher HTTP API endpoints, as the worker calls them.
 
 The worker's HTTP layer parses a request into an :class:`ApiRequest` and answers it in
 two steps. :func:`accept_api` runs at once, without waiting for anything, every check
@@ -16,13 +16,13 @@ rules themselves (signatures, body validation, ``info`` attributes) live in
 Routes (``{app}`` is the app key or id; ``{channel}`` and ``{user}`` are
 percent-decoded, while the signature covers the raw path as received)::
 
-    POST /apps/{app}/events                          trigger          spec §8.3
-    POST /apps/{app}/batch_events                    batch trigger    spec §8.4
-    GET  /apps/{app}/channels                        occupied list    spec §8.5
-    GET  /apps/{app}/channels/{channel}              channel info     spec §8.6
-    GET  /apps/{app}/channels/{channel}/users        presence roster  spec §8.7
-    POST /apps/{app}/users/{user}/events             server-to-user   spec §3.4, §8.9
-    POST /apps/{app}/users/{user}/terminate_connections               spec §8.8
+    POST /apps/{app}/events                          trigger
+    POST /apps/{app}/batch_events                    batch trigger
+    GET  /apps/{app}/channels                        occupied list
+    GET  /apps/{app}/channels/{channel}              channel info
+    GET  /apps/{app}/channels/{channel}/users        presence roster
+    POST /apps/{app}/users/{user}/events             server-to-user
+    POST /apps/{app}/users/{user}/terminate_connections
     POST /users/{user}/terminate_connections         (pusher-http-python; app by auth_key)
 
 Checks run in this order: route (404, 405) → app (404) → signature (401) → app enabled
@@ -227,7 +227,7 @@ def _publishes(app: App, event: Event) -> list[Publish]:
     out = []
     for channel in event.channels:
         payload = orjson.dumps({"event": name, "channel": channel, "data": data})
-        ttl = app.cache_ttl if kind_of(channel).cache else 0.0  # spec §10
+        ttl = app.cache_ttl if kind_of(channel).cache else 0.0
         out.append(Publish(app.id, channel, exclude, ttl, payload))
     return out
 
@@ -247,7 +247,7 @@ async def _counts(call: _Call, channels: Sequence[str]) -> Mapping[str, Any]:
 
 
 def _attributes(channel: str, info: frozenset[str], entry: object) -> dict[str, int]:
-    """The requested counts of one channel (spec §13.2); ``user_count`` for presence only."""
+    """The requested counts of one channel; ``user_count`` for presence only."""
     counts = entry if isinstance(entry, dict) else {}
     out: dict[str, int] = {}
     if "user_count" in info and kind_of(channel).presence:
@@ -279,13 +279,13 @@ def _publish_and_answer(call: _Call, event: Event) -> _Act:
 
 
 def trigger_events(call: _Call) -> _Act:
-    """``POST /apps/{app}/events`` (spec §8.3) → ``{}`` or ``{"channels": {…}}``."""
+    """``POST /apps/{app}/events`` → ``{}`` or ``{"channels": {…}}``."""
     event = parse_event(call.app, load_json_object(call.request.body))
     return _publish_and_answer(call, event)
 
 
 def batch_events(call: _Call) -> _Act:
-    """``POST /apps/{app}/batch_events`` (spec §8.4) → ``{}`` or index-aligned
+    """``POST /apps/{app}/batch_events`` → ``{}`` or index-aligned
     ``{"batch": [{…}, {}, …]}`` when any item asked for ``info``."""
     events = parse_batch(call.app, load_json_object(call.request.body))
     _charge(call, len(events))
@@ -310,7 +310,7 @@ def batch_events(call: _Call) -> _Act:
 
 
 def channels_list(call: _Call) -> _Act:
-    """``GET /apps/{app}/channels`` (spec §8.5): occupied channels, optionally filtered by
+    """``GET /apps/{app}/channels``: occupied channels, optionally filtered by
     ``filter_by_prefix``, with ``info=user_count`` (presence prefixes only) and/or
     ``subscription_count``."""
     query = _query_values(call.params)
@@ -337,7 +337,7 @@ def channels_list(call: _Call) -> _Act:
 
 
 def channel_info(call: _Call) -> _Act:
-    """``GET /apps/{app}/channels/{channel}`` (spec §8.6): ``occupied`` always, plus the
+    """``GET /apps/{app}/channels/{channel}``: ``occupied`` always, plus the
     requested ``subscription_count``, ``user_count`` (presence) and ``cache`` (cache
     channels; ``{event, data, ttl}`` with whole seconds left, or ``null``)."""
     channel = call.arg
@@ -366,7 +366,7 @@ def channel_info(call: _Call) -> _Act:
 
 
 def channel_users(call: _Call) -> _Act:
-    """``GET /apps/{app}/channels/{channel}/users`` (spec §8.7): the distinct user ids
+    """``GET /apps/{app}/channels/{channel}/users``: the distinct user ids
     of a presence channel as ``{"users": [{"id": …}, …]}``."""
     channel = call.arg
     check_channel_name(call.app, channel)
@@ -383,7 +383,7 @@ def channel_users(call: _Call) -> _Act:
 
 
 def user_events(call: _Call) -> _Act:
-    """``POST /apps/{app}/users/{user}/events`` (spec §3.4, §8.9): an event for every
+    """``POST /apps/{app}/users/{user}/events``: an event for every
     connection signed in as ``user``, sent on its ``#server-to-user-{user}`` channel."""
     channel = check_user_id(call.app, call.arg)
     body = load_json_object(call.request.body)
@@ -392,7 +392,7 @@ def user_events(call: _Call) -> _Act:
 
 
 def terminate_connections(call: _Call) -> _Act:
-    """``POST …/users/{user}/terminate_connections`` (spec §8.8): the broker closes every
+    """``POST …/users/{user}/terminate_connections``: the broker closes every
     connection signed in as ``user`` (close code 4200); presence-only ones stay."""
     user_id = call.arg
     if not user_id:
@@ -444,7 +444,7 @@ def _route(path: str) -> _Route | None:
     return None
 
 
-# --- CORS (spec §13.8, opt-in per app) ----------------------------------------------
+# --- CORS (opt-in per app) -------------------------------------------------------
 
 _CORS_METHODS = "GET, POST, OPTIONS"
 _CORS_HEADERS = "Content-Type, X-Pusher-Library"

@@ -1,6 +1,6 @@
 """Pusher signatures: HTTP API request signing and channel authorisation strings.
 
-See pusher-protocol.md §4.1 (auth strings) and §8.2 (HTTP API signing).
+The auth strings of subscriptions and the HTTP API request signing.
 """
 
 from __future__ import annotations
