@@ -172,6 +172,8 @@ class Settings:
     #: the broker's Prometheus listener (docs/metrics.md); port 0 = no listener
     metrics_port: int = 9601
     metrics_host: str = "127.0.0.1"
+    #: the dashboard's credential (docs/dashboard.md); "" = no dashboard, no admin API
+    admin_token: str = ""
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -214,6 +216,7 @@ _SERVER_KEYS = {
     "pid_file": str,
     "metrics_port": int,
     "metrics_host": str,
+    "admin_token": str,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -397,6 +400,7 @@ def _check_settings(settings: Settings) -> None:
     if not 0 <= settings.metrics_port < 65536:
         raise ConfigError(f"server.metrics_port: {settings.metrics_port} is not a TCP port "
                           "(1-65535, or 0 for no metrics listener)")
+    _check_admin_token(settings)
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
     seen: dict[str, str] = {}
@@ -412,6 +416,24 @@ def _check_settings(settings: Settings) -> None:
         for j, other in enumerate(settings.apps):
             if j != i and app.id == other.key:
                 raise ConfigError(f"apps[{i}].id: {app.id!r} equals the key of apps[{j}]")
+
+
+#: shortest accepted admin token: it is the only thing between the network and the
+#: dashboard's event creator, so a guessable one is refused at startup
+MIN_ADMIN_TOKEN = 16
+
+
+def _check_admin_token(settings: Settings) -> None:
+    token = settings.admin_token
+    if not token:
+        return
+    if len(token) < MIN_ADMIN_TOKEN or token != token.strip():
+        raise ConfigError(f"server.admin_token: must be at least {MIN_ADMIN_TOKEN} characters "
+                          "without leading or trailing spaces (or empty: no dashboard)")
+    for i, app in enumerate(settings.apps):
+        if token in (app.key, app.secret):
+            raise ConfigError(f"server.admin_token: must not be the key or secret of apps[{i}] "
+                              "(an app's key is public, and its secret is the app's own)")
 
 
 def load_settings(

@@ -42,6 +42,7 @@ from vask.workers.admission import Admission
 from vask.workers.api_adapter import ApiAdapter
 from vask.workers.broker_link import BrokerLink
 from vask.workers.broker_sync import BrokerSync
+from vask.workers.console import ConsoleRecorder
 from vask.workers.http import HttpProtocol, Response, error_response, http_response
 from vask.workers.index import ChannelIndex
 from vask.workers.outbound import Corker
@@ -95,6 +96,10 @@ class Worker:
         self.settings_path = ""
         #: the supervisor's ready pipe: this worker writes its pid there once ready
         self.ready_fd = -1
+        #: the debug console's recorder, on only while the broker asks (CONSOLE)
+        self.console = ConsoleRecorder(self.metrics, slot, self.link.send,
+                                       settings.heartbeat_interval)
+        self.link.on_console = self.console.watch
 
     # --- clock and sweep ----------------------------------------------------------------
 
