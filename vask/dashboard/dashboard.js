@@ -204,10 +204,12 @@ function renderOverview() {
   renderProcesses(latest, state.samples.length > 1 ? state.samples[state.samples.length - 2] : null);
 }
 
-// A small line chart: one polyline per series, on a shared scale starting at 0.
+// A small line chart: one polyline per series, on a shared scale starting at 0. The
+// x axis spans the history there is, at least a minute and at most HISTORY seconds.
 function chart(id, series) {
   const svg = $(id);
-  const W = 300, H = 80, n = HISTORY;
+  const W = 300, H = 80;
+  const n = Math.min(HISTORY, Math.max(60, ...series.map((s) => s.length)));
   const top = Math.max(1, ...series.flat());
   const ns = "http://www.w3.org/2000/svg";
   const nodes = [];
@@ -221,7 +223,7 @@ function chart(id, series) {
   const label = document.createElementNS(ns, "text");
   label.setAttribute("x", "2");
   label.setAttribute("y", "9");
-  label.textContent = "max " + fmt(top, top < 10 ? 1 : 0);
+  label.textContent = `last ${n} s · max ${fmt(top, top < 10 ? 1 : 0)}`;
   nodes.push(label);
   svg.replaceChildren(...nodes);
 }
@@ -250,12 +252,17 @@ function renderProcesses(latest, previous) {
 
 // --- channels -----------------------------------------------------------------------
 
+let searches = 0;
+
 async function searchChannels() {
   if (!state.app) return;
+  const mine = ++searches;  // an older search answering late must not overwrite this one
   const prefix = $("channel-prefix").value;
   const response = await api(`/apps/${encodeURIComponent(state.app)}/channels?limit=200&prefix=${encodeURIComponent(prefix)}`);
+  if (mine !== searches) return;
   if (!response.ok) { $("channel-count").textContent = "error " + response.status; return; }
   const data = await response.json();
+  if (mine !== searches) return;
   $("channel-count").textContent = `${fmt(data.matched)} channel(s)` + (data.matched > data.channels.length ? `, first ${data.channels.length} shown` : "");
   const body = $("channels-table").querySelector("tbody");
   body.replaceChildren(...data.channels.map((c) => {
@@ -387,7 +394,10 @@ document.addEventListener("DOMContentLoaded", () => {
     show(state.view);
   });
   $("channel-form").addEventListener("submit", (e) => { e.preventDefault(); searchChannels(); });
-  ["filter-type", "filter-channel", "filter-event"].forEach((id) => $(id).addEventListener("input", renderConsole));
+  ["filter-type", "filter-channel", "filter-event"].forEach((id) => {
+    $(id).addEventListener("input", renderConsole);
+    $(id).addEventListener("change", renderConsole);
+  });
   $("console-pause").addEventListener("click", () => {
     state.paused = !state.paused;
     $("console-pause").textContent = state.paused ? "Resume" : "Pause";
