@@ -87,7 +87,7 @@ def client_site(vask_port: int) -> Iterator[int]:
     script = PUSHER_JS.read_bytes()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_GET(self) -> None:
             body, kind = (script, "text/javascript") if self.path.endswith(".js") \
                 else (page, "text/html")
             self.send_response(200)
@@ -248,7 +248,7 @@ def test_dashboard_in_a_real_browser() -> None:
             find(By.ID, "filter-event").clear()
             until(lambda: len(console_rows(driver)) >= 5, "the unfiltered console")
             shoot(driver, "console")
-            client_tab = [h for h in driver.window_handles if h != dashboard_tab][0]
+            client_tab = next(h for h in driver.window_handles if h != dashboard_tab)
             driver.switch_to.window(client_tab)
             until(lambda: 'from-the-dashboard {"n":42}' in find(By.ID, "received").text,
                   "pusher-js received the creator's event")
