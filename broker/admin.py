@@ -75,6 +75,9 @@ AUTH_WAIT = 5.0
 BROKER_WAIT = 5.0
 #: how often, while consoles are open, the broker repeats CONSOLE to the workers
 CONSOLE_REPEAT = 1.0
+#: console records go to the admin thread at most this often (in one hand-over), so a
+#: busy broker makes a few larger feed messages rather than one per loop turn
+HANDOVER_INTERVAL = 0.1
 #: counters (cluster sums) the overview carries per app
 APP_COUNTERS = (
     "vask_ws_messages_received", "vask_ws_messages_sent", "vask_http_calls_received",
@@ -234,6 +237,7 @@ class AdminServer:
         self.told_apps: frozenset[str] = frozenset()
         self.next_console = 0.0
         self.next_sample = 0.0
+        self.next_handover = 0.0
         self.records: list[dict[str, Any]] = []
         self.records_left_out = 0
         # --- admin thread only ---
@@ -342,7 +346,8 @@ class AdminServer:
                     if outcome.get("app") in apps:
                         self.records.append({"type": "webhook", **outcome})
                 hooks.outcomes.clear()
-        if self.records:
+        if self.records and now >= self.next_handover:
+            self.next_handover = now + HANDOVER_INTERVAL
             records, self.records = self.records, []
             if self.records_left_out:
                 records.append({"type": "sampled", "left_out": self.records_left_out,
