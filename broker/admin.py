@@ -233,6 +233,9 @@ class AdminServer:
         self.requests: queue.SimpleQueue[Request] = queue.SimpleQueue()
         #: apps whose debug console is open now (swapped whole, never changed in place)
         self.console_apps: frozenset[str] = frozenset()
+        #: a page is connected: take overview samples (each walks every channel, so
+        #: none are taken while nobody looks)
+        self.watching = False
         # --- broker loop only ---
         self.told_apps: frozenset[str] = frozenset()
         self.next_console = 0.0
@@ -354,7 +357,7 @@ class AdminServer:
                                 "time_ms": time.time_ns() // 1_000_000, "app": ""})
                 self.records_left_out = 0
             self._to_thread(self._console, records)
-        if now >= self.next_sample:
+        if self.watching and now >= self.next_sample:
             self.next_sample = now + SAMPLE_INTERVAL
             from vask.broker.metrics import cluster_snapshot
 
@@ -412,6 +415,7 @@ class AdminServer:
 
     def _update_console_apps(self) -> None:
         self.console_apps = frozenset(v.app for v in self.viewers if v.console and v.app)
+        self.watching = bool(self.viewers)
 
     async def ask_broker(self, kind: str, args: dict[str, Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -555,6 +559,7 @@ class AdminServer:
             return ws
         viewer = Viewer(ws)
         self.viewers.add(viewer)
+        self._update_console_apps()
         await ws.send_str(orjson.dumps({"type": "hello", "history": list(self.history)}).decode())
         writer = asyncio.get_running_loop().create_task(self._write(viewer))
         try:

@@ -229,6 +229,9 @@ def test_overview_sample_per_app_and_per_worker(broker: Broker) -> None:
     broker.state.channels[("1", "presence-a")] = ChannelState(
         {b"w1": 2}, 2, {"u1": {"1.1": {}}, "u2": {"1.2": {}}})
     admin.broker_turn(broker, time.monotonic())
+    assert loop.calls == []  # no page connected: no sample (each walks every channel)
+    admin.watching = True
+    admin.broker_turn(broker, time.monotonic())
     sample = loop.calls[-1][1]
     assert sample["apps"]["1"]["connections"] == 2
     assert sample["apps"]["1"]["vask_http_calls_received"] == 4
