@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.pusher_client import PusherClient, close_all, connect_spread, worker_of, workers_of
 from tests.servers import APP_ID, APP_KEY, APP_SECRET, Server, free_port, run_vask
+from tests.webhook_receiver import Receiver, receiving
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -235,3 +236,65 @@ def test_no_admin_token_means_no_dashboard() -> None:
         assert isinstance(body, str) and "vask_workers" in body
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             assert b"vask_workers" in r.read()
+
+
+def webhook_config(url: str) -> str:
+    return (
+        f'[[apps]]\nid = "{APP_ID}"\nkey = "{APP_KEY}"\nsecret = "{APP_SECRET}"\n'
+        "enable_client_messages = true\nwebhook_leave_delay = 0.5\n"
+        f'[[apps.webhooks]]\nurl = "{url}"\nevent_types = ["channel_occupied"]\n'
+    )
+
+
+async def console_of_client_events_errors_and_webhooks(server: Server, port: int,
+                                                      receiver: Receiver) -> None:
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(f"http://127.0.0.1:{port}/admin/ws") as ws:
+        await ws.send_str(json.dumps({"type": "auth", "token": TOKEN}))
+        await ws.send_str(json.dumps({"type": "watch", "app": APP_ID, "console": True}))
+        feed = Feed(ws)
+        await console_ready(feed, server)
+        a = await PusherClient.connect(server.ws_url)
+        b = await PusherClient.connect(server.ws_url)
+        try:
+            await a.subscribe("private-chat")
+            await b.subscribe("private-chat")
+            await a.send({"event": "client-typing", "channel": "private-chat",
+                          "data": {"who": "a"}})
+            await b.wait_for("client-typing", "private-chat")
+            await feed.pump_until(
+                lambda: any(r["type"] == "client_event" and r.get("event") == "client-typing"
+                            and r.get("socket_id") == a.socket_id
+                            and r.get("channel") == "private-chat" for r in feed.records),
+                "the client event")
+            # a refused subscription is an error sent to the client
+            await a.send({"event": "pusher:subscribe",
+                          "data": {"channel": "private-bad", "auth": f"{APP_KEY}:00"}})
+            await a.wait_for("pusher:subscription_error", "private-bad")
+            await feed.pump_until(
+                lambda: any(r["type"] == "error" and r.get("channel") == "private-bad"
+                            and r.get("socket_id") == a.socket_id for r in feed.records),
+                "the error sent to the client")
+            # webhook outcomes: delivered, then refused by the receiver (to be retried)
+            await feed.pump_until(
+                lambda: any(r["type"] == "webhook" and r.get("outcome") == "sent"
+                            and r.get("channels") == ["private-chat"] and r.get("status") == 200
+                            for r in feed.records), "the delivered webhook")
+            receiver.mode = "fail"
+            await b.subscribe("private-other")
+            await feed.pump_until(
+                lambda: any(r["type"] == "webhook" and r.get("outcome") == "retry"
+                            and r.get("channels") == ["private-other"]
+                            and r.get("reason") == "HTTP 500" for r in feed.records),
+                "the failed webhook")
+        finally:
+            receiver.mode = "ok"
+            await close_all([a, b])
+
+
+def test_console_shows_client_events_errors_and_webhook_outcomes() -> None:
+    port = free_port()
+    env = {"VASK_METRICS_PORT": str(port), "VASK_ADMIN_TOKEN": TOKEN}
+    with receiving() as receiver, \
+            run_vask(workers=2, config=webhook_config(receiver.url), env=env) as server:
+        asyncio.run(console_of_client_events_errors_and_webhooks(server, port, receiver))
