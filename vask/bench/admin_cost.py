@@ -42,8 +42,8 @@ def main() -> None:
                 {b"w": 1}, 1, {"u": {"1.1": {}}} if i % 10 == 0 else None)
         narrow = f"chan-{args.channels // 10 - 1}"
         print(f"{args.channels} channels, best of {args.repeat}:")
-        print(f"  overview sample:             "
-              f"{best_ms(lambda: overview_sample(broker, cluster_snapshot(broker)), args.repeat):.1f} ms")
+        sample = best_ms(lambda: overview_sample(broker, cluster_snapshot(broker)), args.repeat)
+        print(f"  overview sample:             {sample:.1f} ms")
         print(f"  channel page, no prefix:     "
               f"{best_ms(lambda: channel_page(broker, '1', '', 200), args.repeat):.1f} ms")
         print(f"  channel page, prefix {narrow}: "
