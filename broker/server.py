@@ -33,7 +33,7 @@ import logging
 import os
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from types import FrameType
 
@@ -41,6 +41,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from vask import curve, envelope
+from vask.broker.admin import AdminServer
 from vask.broker.metrics import ClusterTotals, MetricsServer, cluster_snapshot
 from vask.broker.state import ClusterState, Out
 from vask.broker.webhook_link import WebhookLink
@@ -49,6 +50,7 @@ from vask.envelope import (
     Bye,
     ConnClose,
     ConnOpen,
+    Debug,
     Heartbeat,
     Hello,
     Moved,
@@ -242,6 +244,10 @@ class Broker:
         self.worker_restarts = 0
         #: the /metrics listener, if one was started (see serve)
         self.metrics: MetricsServer | None = None
+        #: the admin listener (dashboard), if admin_token is set (see serve)
+        self.admin: AdminServer | None = None
+        #: worker deaths reported by the supervisor, per slot (the dashboard shows them)
+        self.restarts_by_slot: Counter[str] = Counter()
 
     def bind(self) -> None:
         self.router.bind(self.endpoint)
@@ -278,6 +284,8 @@ class Broker:
         # Connections of removed apps stay in the state until their workers close them
         # (they do, on the same reload); lookups of a missing app find nothing.
         self.state.set_apps(new.apps)
+        if self.admin is not None:
+            self.admin.settings = new  # the token stays the one it started with
         logging.getLogger().setLevel(new.log_level.upper())
         log.info("configuration reloaded (%d apps)", len(new.apps))
 
@@ -503,6 +511,10 @@ class Broker:
             out = state.purge(identity)
         elif isinstance(message, Moved):
             out = self.step_down(identity, message, now)
+        elif isinstance(message, Debug):
+            if self.admin is not None:
+                self.admin.take_records(message.records)
+            out = []
         else:  # a broker -> worker verb
             self._bad(identity, envelope.EnvelopeError(
                 f"{type(message).__name__} is not for the broker"), now)
@@ -547,6 +559,7 @@ class Broker:
         for line in lines:
             if line:
                 self.worker_restarts += 1
+                self.restarts_by_slot[line.decode(errors="replace").rsplit(":", 1)[-1]] += 1
                 log.info("worker %s died; purging it", line.decode(errors="replace"))
                 self.send(self.state.purge_named(line.decode(errors="replace")))
 
@@ -558,6 +571,8 @@ class Broker:
         metrics = self.metrics
         if metrics is not None and metrics.wanted.is_set():
             metrics.publish(cluster_snapshot(self))  # a scrape is waiting for it
+        if self.admin is not None:
+            self.admin.broker_turn(self, now)
         if now >= self.next_flush:
             self.next_flush = now + COUNT_FLUSH_INTERVAL
             self.send(state.flush_counts(now))
@@ -679,7 +694,13 @@ def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
     broker.bind()
     log.info("broker listening on %s (pid %d)%s", endpoint, os.getpid(),
              ", CURVE" if broker.auth is not None else "")
-    if settings.metrics_port:
+    if settings.metrics_port and settings.admin_token:
+        # One listener for /metrics and the dashboard (docs/dashboard.md)
+        broker.metrics = MetricsServer()
+        broker.admin = AdminServer(settings, broker.metrics)
+        if not broker.admin.start(settings.metrics_host, settings.metrics_port):
+            broker.metrics = broker.admin = None
+    elif settings.metrics_port:
         broker.metrics = MetricsServer()
         if not broker.metrics.start(settings.metrics_host, settings.metrics_port):
             broker.metrics = None
@@ -688,5 +709,7 @@ def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
     try:
         broker.run()
     finally:
-        if broker.metrics is not None:
+        if broker.admin is not None:
+            broker.admin.stop()
+        elif broker.metrics is not None:
             broker.metrics.stop()

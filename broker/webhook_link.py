@@ -37,6 +37,8 @@ CHUNK = 2_000
 SEND_HWM = 1_000
 #: seconds between two warnings about dropped events
 DROP_LOG_INTERVAL = 10.0
+#: webhook outcomes kept for the debug console at most
+OUTCOMES_KEPT = 100
 
 Event = tuple[int, str, int, dict[str, Any]]
 
@@ -68,6 +70,9 @@ class WebhookLink:
         self._next_drop_log = 0.0
         #: the sender's last reported counters (see docs/metrics.md)
         self.stats: dict[str, int] = {}
+        #: request outcomes the sender reported since the broker last took them (the
+        #: debug console's webhook lines); bounded like the sender's own list
+        self.outcomes: deque[dict[str, Any]] = deque(maxlen=OUTCOMES_KEPT)
 
     def bind(self) -> None:
         self.socket.bind(self.endpoint)
@@ -129,6 +134,10 @@ class WebhookLink:
             elif kind == "stats" and isinstance(message.get("counters"), dict):
                 self.stats = {k: v for k, v in message["counters"].items()
                               if isinstance(k, str) and isinstance(v, int)}
+                recent = message.get("recent")
+                if isinstance(recent, list):
+                    self.outcomes.extend(r for r in recent[:OUTCOMES_KEPT]
+                                         if isinstance(r, dict))
                 if self.peer is None:
                     # A sender that was already running when this broker started: it
                     # said hello to the previous one. Everything is new to it anyway.

@@ -10,6 +10,8 @@ from vask.envelope import (
     Bye,
     ConnClose,
     ConnOpen,
+    Console,
+    Debug,
     Deliver,
     DeliverTo,
     EnvelopeError,
@@ -58,6 +60,10 @@ SAMPLES = [
     Stats(42, {"counters": {"vask_deliveries": {"1": 5}}, "gauges": {"vask_connected": {"1": 2}},
                "histograms": {"vask_broker_round_trip_seconds": [1, 0, 2, 1500]}}),
     Stats(42, {}),
+    Console(["1", "2"]),
+    Console([]),
+    Debug([{"type": "connect", "app": "1", "socket_id": "1.2", "worker": 0, "time_ms": 1}]),
+    Debug([]),
 ]
 
 
@@ -157,6 +163,11 @@ def test_bad_batches_are_refused(frames: list[bytes]) -> None:
         ([b"STATS", b'[1,{"histograms":{"h":{"1":1}}}]'], "Stats.stats"),
         ([b"STATS", b'[1,{"histograms":{"h":[1]}}]'], "Stats.stats"),
         ([b"STATS", b'[1,{"gauges":{"g":{"1":"2"}}}]'], "Stats.stats"),
+        ([b"CONSOLE", b'[["1",""]]'], "Console.apps"),
+        ([b"CONSOLE", b'["1"]'], "Console.apps"),
+        ([b"DEBUG", b'[[1]]'], "Debug.records"),
+        ([b"DEBUG", b'[{"type":"x"}]'], "Debug.records"),
+        ([b"DEBUG", b'[[' + b",".join([b"{}"] * 513) + b']]'], "Debug.records"),
     ],
 )
 def test_fields_of_the_wrong_type_or_length_are_refused(frames: list[bytes],

@@ -26,6 +26,8 @@ from vask.envelope import (
     Bye,
     ConnClose,
     ConnOpen,
+    Console,
+    Debug,
     Deliver,
     DeliverTo,
     EnvelopeError,
@@ -101,6 +103,8 @@ VERB_STRATEGIES: dict[type[Verb], st.SearchStrategy[Verb]] = {
         "histograms": st.dictionaries(name.filter(lambda n: len(n) <= 200),
                                       st.lists(counts, min_size=2, max_size=16), max_size=2),
     })),
+    Console: st.builds(Console, st.lists(name, max_size=5)),
+    Debug: st.builds(Debug, st.lists(objects, max_size=5)),
 }
 verbs: st.SearchStrategy[Verb] = st.one_of(*VERB_STRATEGIES.values())
 

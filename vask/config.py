@@ -195,6 +195,8 @@ class Settings:
     authorized_keys_dir: str = ""
     #: allow a plain (unencrypted, unauthenticated) TCP broker link off this host
     insecure_broker: bool = False
+    #: the dashboard's credential (docs/dashboard.md); "" = no dashboard, no admin API
+    admin_token: str = ""
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -246,6 +248,7 @@ _SERVER_KEYS = {
     "curve_secret_key": str,
     "authorized_keys_dir": str,
     "insecure_broker": bool,
+    "admin_token": str,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -469,6 +472,7 @@ def _check_settings(settings: Settings) -> None:
     if settings.proxy_protocol and settings.tls_cert:
         raise ConfigError("server.proxy_protocol: cannot be combined with tls_cert (the PROXY "
                           "line would come before the TLS handshake); end TLS in the proxy")
+    _check_admin_token(settings)
     if settings.broker and not settings.broker.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"server.broker: {settings.broker!r} must start with ipc:// or tcp://")
     _check_broker_list(settings.broker)
@@ -523,6 +527,24 @@ def _check_broker_list(value: str) -> None:
                               "ipc:// or tcp://")
     if len(set(parts)) != len(parts):
         raise ConfigError("server.broker: an endpoint appears twice in the list")
+
+
+#: shortest accepted admin token: it is the only thing between the network and the
+#: dashboard's event creator, so a guessable one is refused at startup
+MIN_ADMIN_TOKEN = 16
+
+
+def _check_admin_token(settings: Settings) -> None:
+    token = settings.admin_token
+    if not token:
+        return
+    if len(token) < MIN_ADMIN_TOKEN or token != token.strip():
+        raise ConfigError(f"server.admin_token: must be at least {MIN_ADMIN_TOKEN} characters "
+                          "without leading or trailing spaces (or empty: no dashboard)")
+    for i, app in enumerate(settings.apps):
+        if token in (app.key, app.secret):
+            raise ConfigError(f"server.admin_token: must not be the key or secret of apps[{i}] "
+                              "(an app's key is public, and its secret is the app's own)")
 
 
 def load_settings(

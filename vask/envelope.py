@@ -290,12 +290,34 @@ class Moved(Verb):
     worker: str
 
 
+@dataclass(frozen=True, slots=True)
+class Console(Verb):
+    """Broker -> worker: the apps whose debug console someone watches now (empty: none).
+
+    Sent once a heartbeat while any console is open, and once when the last one closes;
+    a worker that hears nothing for a few heartbeats stops recording on its own, so a
+    lost "off" costs little (docs/dashboard.md)."""
+
+    VERB = b"CONSOLE"
+    apps: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Debug(Verb):
+    """Worker -> broker: debug console records (small JSON objects, at most
+    :data:`MAX_DEBUG_RECORDS`), sent only while the broker asked for them with
+    :class:`Console`."""
+
+    VERB = b"DEBUG"
+    records: list[dict[str, Any]]
+
+
 VERBS: dict[bytes, type[Verb]] = {
     cls.VERB: cls
     for cls in (
         Hello, Welcome, Heartbeat, Resync, Synced, Recovered, Bye, ConnOpen, ConnClose, Subscribe,
         Unsubscribe, SignIn, Publish, Deliver, DeliverTo, Terminate, TerminateUser, Query,
-        Reply, Stats, Moved,
+        Reply, Stats, Moved, Console, Debug,
     )
 }
 
@@ -369,6 +391,15 @@ def _snapshot(value: object) -> bool:
     return valid_snapshot(value)
 
 
+#: most records in one :class:`Debug` message
+MAX_DEBUG_RECORDS = 512
+
+
+def _records(value: object) -> bool:
+    return type(value) is list and len(value) <= MAX_DEBUG_RECORDS and \
+        all(type(item) is dict for item in value)
+
+
 _Check = Callable[[object], bool]
 _WHAT: dict[_Check, str] = {
     _name: f"a non-empty string of at most {MAX_NAME_LENGTH} characters",
@@ -382,6 +413,7 @@ _WHAT: dict[_Check, str] = {
     _member: "null or [user_id, user_info] with a non-empty string user_id",
     _payload: "bytes",
     _snapshot: "a metrics snapshot (see vask.metrics)",
+    _records: f"a list of at most {MAX_DEBUG_RECORDS} JSON objects",
 }
 
 #: one check per field, in declaration order (the payload field included)
@@ -407,6 +439,8 @@ _CHECKS: dict[type[Verb], tuple[_Check, ...]] = {
     Reply: (_count, _object),
     Stats: (_count, _snapshot),
     Moved: (_name,),
+    Console: (_names,),
+    Debug: (_records,),
 }
 assert _CHECKS.keys() == _FIELDS.keys()
 assert all(len(_CHECKS[cls]) == len(_FIELDS[cls]) for cls in _CHECKS)

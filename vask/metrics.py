@@ -27,6 +27,7 @@ a newer worker may send more without confusing an older broker.
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
@@ -125,9 +126,9 @@ class AppStats:
     """One app's traffic on one worker. Connections of the app hold a reference to it
     (``conn.stats``), so counting is an attribute increment, never a lookup."""
 
-    __slots__ = ("client_events", "connected", "deliveries", "http_bytes_in", "http_bytes_out",
-                 "http_calls", "new_connections", "new_disconnections", "ws_bytes_in",
-                 "ws_bytes_out", "ws_messages_in", "ws_messages_out")
+    __slots__ = ("client_events", "connected", "console", "deliveries", "http_bytes_in",
+                 "http_bytes_out", "http_calls", "new_connections", "new_disconnections",
+                 "ws_bytes_in", "ws_bytes_out", "ws_messages_in", "ws_messages_out")
 
     def __init__(self) -> None:
         self.connected = 0
@@ -142,6 +143,9 @@ class AppStats:
         self.http_calls = 0
         self.deliveries = 0
         self.client_events = 0
+        #: the worker's debug console recorder while someone watches this app's
+        #: console, else None: the only thing the hot path tests (docs/dashboard.md)
+        self.console: Any = None
 
 
 #: AppStats attribute -> counter family
@@ -184,7 +188,7 @@ class Histogram:
 class WorkerMetrics:
     """Everything one worker counts, and the snapshot it sends to the broker."""
 
-    __slots__ = ("apps", "events", "link", "publish_write", "round_trips", "unknown")
+    __slots__ = ("apps", "depth", "events", "link", "publish_write", "round_trips", "unknown")
 
     def __init__(self, app_ids: list[str]) -> None:
         #: per configured app; a connection not yet admitted counts into ``unknown``,
@@ -198,6 +202,9 @@ class WorkerMetrics:
         self.link: dict[str, int] = {"link_gaps": 0, "link_drops": 0, "resyncs": 0}
         self.round_trips = Histogram()
         self.publish_write = Histogram()
+        #: messages waiting in the worker's broker link (requests unanswered plus the
+        #: outbox), set by the link before each snapshot; shown by the dashboard
+        self.depth = 0
 
     def app(self, app_id: str) -> AppStats:
         stats = self.apps.get(app_id)
@@ -222,12 +229,43 @@ class WorkerMetrics:
         counters["vask_worker_resyncs"] = {"": self.link["resyncs"]}
         counters["vask_link_gaps"] = {"to_worker": self.link["link_gaps"]}
         counters["vask_link_drops"] = {"": self.link["link_drops"]}
+        cpu_ms, rss = process_usage()
+        counters[PROCESS_CPU] = {"": cpu_ms}
         return {
             "counters": counters,
-            "gauges": {"vask_connected": connected},
+            "gauges": {"vask_connected": connected, PROCESS_RSS: {"": rss},
+                       WORKER_DEPTH: {"": self.depth}},
             "histograms": {"vask_broker_round_trip_seconds": self.round_trips.snapshot(),
                            "vask_publish_write_seconds": self.publish_write.snapshot()},
         }
+
+
+# --- process figures (for the dashboard; not exported to Prometheus) ------------------
+#
+# Per-process figures make no sense summed over the cluster, so these names are not in
+# SPECS: /metrics leaves them out, and the dashboard reads each worker's own snapshot.
+
+PROCESS_CPU = "vask_process_cpu_ms"
+PROCESS_RSS = "vask_process_rss_bytes"
+WORKER_DEPTH = "vask_worker_queue_depth"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_usage() -> tuple[int, int]:
+    """This process's CPU time (user + system, in ms) and resident memory (bytes).
+
+    Read once a heartbeat; the resident size comes from /proc where there is one, else
+    the peak resident size is the best there is."""
+    times = os.times()
+    cpu_ms = int((times.user + times.system) * 1000)
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            rss = int(statm.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return cpu_ms, rss
 
 
 # --- validation (used by the envelope) ---------------------------------------------------

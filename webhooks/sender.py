@@ -26,6 +26,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,9 @@ from .store import Store
 log = logging.getLogger("vask.webhooks")
 
 STATS_INTERVAL = 1.0
+#: outcomes of requests kept for the next stats report (the dashboard's debug console
+#: shows them); older ones are dropped, so a flood of failures costs a bounded list
+RECENT_OUTCOMES = 50
 #: seconds between two log lines about retries of one endpoint
 RETRY_LOG_INTERVAL = 5.0
 #: seconds between two warnings about events refused because the queue is full
@@ -121,6 +125,8 @@ class Sender:
         self.dropped_logged = 0
         #: things already warned about once (unknown apps and endpoints in the store)
         self.warned: set[str] = set()
+        #: the latest request outcomes, sent with the next stats report
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_OUTCOMES)
 
     # --- start and stop ---------------------------------------------------------------
 
@@ -330,6 +336,12 @@ class Sender:
         request.attempts += 1
         queue = endpoint.queue
         counters = self.counters
+        recent: dict[str, Any] = {
+            "app": endpoint.app_id, "url": endpoint.hook.url, "channels": list(request.channels),
+            "events": request.events, "attempts": request.attempts,
+            "status": outcome.status, "time_ms": time.time_ns() // 1_000_000,
+            "outcome": "sent", "reason": "" if outcome.ok else outcome.reason()}
+        self.recent.append(recent)
         if outcome.ok:
             counters["sent"] += 1
             counters["events_sent"] += request.events
@@ -345,6 +357,7 @@ class Sender:
                 request.attempts, outcome.status,
                 parse_retry_after(outcome.retry_after, wall), request.formed_ms / 1000, wall,
                 self.settings.webhook_retry_window)
+        recent["outcome"] = "given_up" if delay is None else "retry"
         if delay is None:
             counters["given_up"] += 1
             log.warning("webhook to %s (app %s) given up after %d attempt%s over %.1fs: %s",
@@ -393,7 +406,11 @@ class Sender:
         return counters
 
     def _stats(self) -> None:
-        self.send({"t": "stats", "counters": self.stats()})
+        message: dict[str, Any] = {"t": "stats", "counters": self.stats()}
+        if self.recent:
+            message["recent"] = list(self.recent)
+            self.recent.clear()
+        self.send(message)
         if not self.stopping:
             self.stats_timer = self.loop.call_later(STATS_INTERVAL, self._stats)
 

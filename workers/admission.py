@@ -327,3 +327,5 @@ class Admission:
         self.worker.by_socket_id[conn.socket_id] = conn
         conn.send(frames.connection_established(conn.socket_id,
                                                 self.worker.settings.activity_timeout))
+        if stats.console is not None:
+            stats.console.connection("connect", conn)

@@ -51,6 +51,9 @@ class ApiAdapter:
         """Each publish is a request: the broker answers once it has queued the
         deliveries (or refuses while it recovers from a restart). All of one API call's
         publishes leave in one batch, and their answers come back in one."""
+        console = self.worker.metrics.app(messages[0].app).console if messages else None
+        if console is not None:
+            console.api_publishes(messages)
         await asyncio.gather(*(self._acked(msg) for msg in messages))
 
     async def send(self, msg: TerminateUser) -> None:

@@ -37,6 +37,7 @@ from vask.config import Settings
 from vask.envelope import (
     ENVELOPE_VERSION,
     Bye,
+    Console,
     Heartbeat,
     Hello,
     Moved,
@@ -59,7 +60,7 @@ QUEUE_LIMIT = 200_000  # messages
 BATCH_LIMIT = 1024
 DRAIN_LIMIT = 64  # ZeroMQ messages (each possibly a batch) handled per loop turn
 BYE_LINGER_MS = 500
-_CONTROL = (Reply, Heartbeat, Welcome, Resync, Recovered)
+_CONTROL = (Reply, Heartbeat, Welcome, Resync, Recovered, Console)
 NO_SEQ = bytes(8)
 ReplyCallback = Callable[[dict[str, Any] | None], None]
 
@@ -139,6 +140,8 @@ class BrokerLink:
         self.closed = False
         self.beat_handle: asyncio.TimerHandle | None = None
         self.fd: int = self.sock.fileno()
+        #: called with the apps of a CONSOLE message (the worker's debug recorder)
+        self.on_console: Callable[[list[str]], None] | None = None
         self.loop.add_reader(self.fd, self.drain)
 
     # --- state ----------------------------------------------------------------------
@@ -183,6 +186,7 @@ class BrokerLink:
         self.send(Heartbeat(self.epoch))
         if self.welcomed:
             # cumulative figures: one lost on the way is made good by the next
+            self.metrics.depth = len(self.pending) + len(self.outbox)
             self.send(Stats(self.epoch, self.metrics.snapshot()))
         if not self.welcomed:
             self.say_hello()  # also retries a hello the broker never got
@@ -477,6 +481,9 @@ class BrokerLink:
         elif isinstance(message, Resync) and self.welcomed:
             self.resync("the broker does not know this worker (it restarted, or it saw a "
                         "gap in this worker's messages)")
+        elif isinstance(message, Console):
+            if self.on_console is not None:
+                self.on_console(message.apps)
         elif isinstance(message, Recovered) and self.welcomed \
                 and message.broker_epoch == self.broker_epoch:
             self.recovered = True

@@ -193,6 +193,8 @@ class BrokerSync:
         stats = conn.stats
         stats.connected -= 1
         stats.new_disconnections += 1
+        if stats.console is not None:
+            stats.console.connection("disconnect", conn)
         worker.by_socket_id.pop(session.socket_id, None)
         bind = worker.index.bind
         for channel in session.local_channels():

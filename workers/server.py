@@ -43,6 +43,7 @@ from vask.workers.admission import Admission
 from vask.workers.api_adapter import ApiAdapter
 from vask.workers.broker_link import BrokerLink
 from vask.workers.broker_sync import BrokerSync
+from vask.workers.console import ConsoleRecorder
 from vask.workers.http import LINGER, HttpProtocol, Response, error_response, http_response
 from vask.workers.index import ChannelIndex
 from vask.workers.outbound import Corker
@@ -106,6 +107,10 @@ class Worker:
             # checked before the workers started, so the files changed since
             log.error("worker %d: cannot load tls_cert/tls_key: %s", slot, exc)
             raise SystemExit(STARTUP_FAILURE) from None
+        #: the debug console's recorder, on only while the broker asks (CONSOLE)
+        self.console = ConsoleRecorder(self.metrics, slot, self.link.send,
+                                       settings.heartbeat_interval)
+        self.link.on_console = self.console.watch
 
     # --- clock and sweep ----------------------------------------------------------------
 

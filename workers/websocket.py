@@ -189,6 +189,9 @@ class PusherConnection(Outbound):
     def apply(self, actions: list[Any]) -> None:
         """Carry out the actions a :class:`PusherSession` decided on."""
         worker = self.worker
+        console = self.stats.console
+        if console is not None:
+            console.actions(self, actions)
         for action in actions:
             if isinstance(action, Send):
                 self.send(action.frame)
@@ -240,6 +243,9 @@ class PusherConnection(Outbound):
             return
         ws = self.protocol()
         self.send(frames.error(code, reason))
+        console = self.stats.console
+        if console is not None:
+            console.error(self, code, reason)
         self.flush()
         self._closing()
         with contextlib.suppress(InvalidState):

@@ -1,0 +1,1 @@
+"""The dashboard's page and assets (served by :mod:`vask.broker.admin`; no build step)."""
