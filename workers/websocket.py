@@ -60,6 +60,7 @@ class PusherConnection(Outbound):
         "session",
         "socket_id",
         "stats",
+        "unparsed",
         "ws",
     )
 
@@ -70,6 +71,8 @@ class PusherConnection(Outbound):
         self.peer = peer
         self.phase = OPENING
         self.ws: ServerProtocol | None = None
+        #: bytes given to ``ws`` that are not yet part of a parsed frame
+        self.unparsed = 0
         self.session: PusherSession | None = None
         self.socket_id = ""
         self.app_id = ""
@@ -99,6 +102,7 @@ class PusherConnection(Outbound):
         self.last_seen = self.worker.clock
         self.ping_sent = 0.0
         ws = self.protocol()
+        self.unparsed += len(data)
         ws.receive_data(data)
         if self._frames(ws) > BURST_FRAMES:
             # One read held a flood of messages: let everyone else have the loop before
@@ -129,7 +133,12 @@ class PusherConnection(Outbound):
         return ws
 
     def _release(self, ws: ServerProtocol) -> None:
-        if self.phase == OPEN and self.fragments is None and _between_frames(ws):
+        # Its reader's buffer can be empty while its parser is half-way through a frame
+        # header it already consumed (a read that ended inside the header): only when
+        # every byte given to it belongs to a parsed frame is it at a frame boundary, and
+        # fit for another connection.
+        if self.unparsed == 0 and self.phase == OPEN and self.fragments is None \
+                and _between_frames(ws):
             self.ws = None
             pool = self.worker.ws_pool
             if len(pool) < WS_POOL_SIZE:
@@ -141,6 +150,7 @@ class PusherConnection(Outbound):
         for frame in events:
             if not isinstance(frame, Frame):  # an OPEN protocol only yields frames
                 continue
+            self.unparsed -= _wire_size(len(frame.data))
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
                 if opcode is _CONT:
@@ -289,6 +299,13 @@ class PusherConnection(Outbound):
 
 
 _BINARY_MARK = b"\x00binary"
+
+
+def _wire_size(payload: int) -> int:
+    """Bytes a client frame with a ``payload``-byte payload took on the wire: 2 header
+    bytes, the extended length, the 4-byte mask (client frames are always masked; no
+    extension changes payload sizes, as permessage-deflate is not offered)."""
+    return payload + (6 if payload < 126 else 8 if payload < 65536 else 14)
 
 
 def _between_frames(ws: ServerProtocol) -> bool:

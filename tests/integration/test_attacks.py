@@ -951,3 +951,35 @@ def test_connection_caps_refuse_with_a_status(setting: str, status: int) -> None
             time.sleep(0.2)
         assert answers == [200] * 4, answers
         no_traceback(srv)
+
+
+def test_a_read_ending_inside_a_frame_header_does_not_leak_into_another_connection() -> None:
+    """A connection whose read ends inside a frame header (2 of its 6 bytes here) keeps
+    its parser: the worker's pool of parsers must not hand that half-read parser to
+    another connection, whose frames it would then misread (seen under load as another
+    client's ``pusher:ping`` answered with "not valid UTF-8 JSON" and close 1002)."""
+    with run_vask(workers=1) as srv:
+        first = RawWebSocket(srv.port)
+        second = RawWebSocket(srv.port)
+        try:
+            first.established()
+            second.established()
+            frame = text_frames([{"event": "pusher:ping", "data": {}}])
+            first.sock.sendall(frame[:2])
+            time.sleep(0.3)  # the worker has read those two bytes on their own
+            for _ in range(3):
+                second.send({"event": "pusher:ping", "data": {}})
+            second.pump(10, until=lambda: sum(
+                m.get("event") == "pusher:pong" for m in second.messages) >= 3)
+            assert [m.get("event") for m in second.messages[1:]] == ["pusher:pong"] * 3, \
+                second.messages
+            first.sock.sendall(frame[2:])
+            first.pump(10, until=lambda: any(
+                m.get("event") == "pusher:pong" for m in first.messages))
+            assert [m.get("event") for m in first.messages[1:]] == ["pusher:pong"], \
+                first.messages
+            assert second.close_frame is None and first.close_frame is None
+        finally:
+            first.close()
+            second.close()
+        no_traceback(srv)
