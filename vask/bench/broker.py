@@ -166,8 +166,10 @@ def run(workers: int, count: int, endpoint_kind: str, use_curve: bool,
         server, _ = zmq.auth.load_certificate(runtime / "keys" / "broker.key")
         assert sec is not None
         curve_keys = (pub, sec, server)
+    # metrics_port=0: a bench broker must not take (or fight over) a real server's
+    # /metrics port
     settings = Settings(apps=(app,), workers=workers, heartbeat_interval=1.0,
-                        heartbeat_timeout=30.0, **extra)
+                        heartbeat_timeout=30.0, metrics_port=0, **extra)
     if endpoint_kind == "ipc":
         endpoint = f"ipc://{runtime}/broker.sock"
     else:
@@ -249,7 +251,7 @@ def run(workers: int, count: int, endpoint_kind: str, use_curve: bool,
     finally:
         for w in fakes:
             w.sock.close(0)
-        context.term()
+        context.destroy(linger=0)
         if process.pid:
             os.kill(process.pid, 15)
         process.join(5)
