@@ -26,6 +26,7 @@ from vask.bench.scenarios import (
     run_presence,
 )
 from vask.bench.stats import median
+from vask.config import DEFAULT_APP_ID
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,7 +37,9 @@ def target_options(f: F) -> F:
         click.option("--host", default="127.0.0.1", show_default=True, help="Server host."),
         click.option("--port", type=int, default=6001, show_default=True,
                      help="Server port (ignored with --server-cmd)."),
-        click.option("--app-id", default="app-id", show_default=True),
+        click.option("--app-id", default=DEFAULT_APP_ID, show_default=True,
+                     help="App id for the HTTP API (default: vask run's default app; "
+                     "bin/soketi-peer uses the same)."),
         click.option("--key", default="app-key", show_default=True),
         click.option("--secret", default="app-secret", show_default=True),
         click.option("--server-cmd", default=None,
@@ -260,7 +263,7 @@ def _get(metrics: dict[str, Any], path: str) -> float:
 @click.argument("scenario", type=click.Choice(sorted(KEY_METRICS)))
 @click.option("--rounds", type=int, default=3, show_default=True, help="A/B rounds (>= 3).")
 @click.option("--a-args", default="", help="Extra scenario options for A only, e.g. "
-              "'--app-id app-id' (shell-quoted string).")
+              "'--app-id other' (shell-quoted string).")
 @click.option("--b-args", default="", help="Extra scenario options for B only, e.g. '--app-id 1'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.pass_context

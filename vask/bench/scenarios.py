@@ -21,6 +21,7 @@ from vask.bench.pool import WorkerPool, split_counts
 from vask.bench.report import Meter, Progress
 from vask.bench.server import ManagedServer
 from vask.bench.stats import latency_summary_us, safe_div
+from vask.config import DEFAULT_APP_ID
 
 MAX_CONNS_PER_PROC = 5000  # 20 000 open files per process; leave ample headroom
 
@@ -31,7 +32,7 @@ class Target:
 
     host: str = "127.0.0.1"
     port: int = 6001
-    app_id: str = "app-id"
+    app_id: str = DEFAULT_APP_ID
     key: str = "app-key"
     secret: str = "app-secret"
     server_cmd: str | None = None
@@ -178,6 +179,11 @@ class Session:
                 last_have, last_change = have, now
             self.progress(f"{label}: {have:,}/{want:,} ({safe_div(have, want):.1%})")
             bg_done = bg is None or bg.done()
+            if bg is not None and bg.done() and not bg.cancelled() and bg.exception():
+                # e.g. the publisher got a 4xx: nothing more is coming, say why now.
+                self.progress(f"{label}: stopped at {have:,}/{want:,}: {bg.exception()}",
+                              force=True)
+                return False
             if bg_done and have >= want:
                 self.progress(f"{label}: {have:,}/{want:,} done", force=True)
                 return True
@@ -292,6 +298,10 @@ async def run_fanout(
             background=pub_task,
         )
         win = meter.end()
+        if pub_task.exception() is not None:
+            _fail(out, f"publishing stopped: {pub_task.exception()}")
+            out["errors"] = pub.errors
+            return out
         pub_elapsed = pub_task.result()
         r = await s.results()
         window_s = (r["last_t"] - t_pub0) / 1e6 if r["last_t"] else math.nan
