@@ -383,3 +383,42 @@ def webhooks(**kw: Any) -> None:
         churn_procs=kw["churn_procs"],
     )
     _run(lambda: run_webhooks(t, c, p), as_json)
+
+
+# The reconnect storm: how fast and at what cost every client comes back.
+KEY_METRICS["storm"] = [
+    ("all_back_s", False),
+    ("listen_after_drop_s", False),
+    ("reconnect_after_listen_s", False),
+    ("server_cpu_s", False),
+    ("server_cpu_ms_per_reconnect", False),
+    ("failed_reconnects", False),
+]
+
+
+@bench.command()
+@target_options
+@click.option("--connections", "-c", type=click.IntRange(min=1), default=10000,
+              show_default=True)
+@click.option("--channels", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Public channels storm-0..N-1; client i subscribes to storm-(i mod N).")
+@click.option("--mode", type=click.Choice(["restart", "signal"]), default="restart",
+              show_default=True,
+              help="restart: SIGKILL the server tree and start the same command again "
+              "(needs --server-cmd); signal: send --signal to the server's root process "
+              "and let it drop the clients (Vask: USR2, a rolling restart).")
+@click.option("--signal", "sig", default="USR2", show_default=True,
+              help="Signal for --mode signal.")
+@click.option("--retry-min", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="First delay after a refused connect (doubles, jittered +-50%).")
+@click.option("--retry-max", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Largest delay between refused connects.")
+@click.option("--storm-timeout", type=click.FloatRange(min=1), default=120.0,
+              show_default=True, help="Give up when not all are back after this long.")
+def storm(**kw: Any) -> None:
+    """Reconnect storm: C subscribed clients dropped at once reconnect and resubscribe."""
+    from vask.bench.storm import run_storm
+
+    t, c, as_json = _split(kw)
+    _run(lambda: run_storm(t, c, kw["connections"], kw["channels"], kw["mode"], kw["sig"],
+                           kw["retry_min"], kw["retry_max"], kw["storm_timeout"]), as_json)

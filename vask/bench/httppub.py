@@ -96,9 +96,10 @@ class Publisher:
         self.retries = 0
         self.rejected: str | None = None  # the first 4xx, as "HTTP 404: <body>"
 
-    def build(self, name: str, channel: str, data: str) -> bytes:
-        """Return the raw signed HTTP request triggering one event."""
-        body = orjson.dumps({"name": name, "channel": channel, "data": data})
+    def build(self, name: str, channel: str | list[str], data: str) -> bytes:
+        """Return the raw signed HTTP request triggering one event (on up to 100 channels)."""
+        where = {"channels": channel} if isinstance(channel, list) else {"channel": channel}
+        body = orjson.dumps({"name": name, **where, "data": data})
         query = sign_query("POST", self.path, self.key, self.secret, body)
         return (
             f"POST {self.path}?{query} HTTP/1.1\r\n"
@@ -133,6 +134,26 @@ class Publisher:
             conn = await self._connect()
             status, body = await asyncio.wait_for(conn.request(raw), 30)
         return conn, status, body
+
+    async def trigger(self, name: str, channels: list[str], data: str) -> None:
+        """Trigger one event on ``channels`` (at most 100) over a fresh connection.
+
+        Raises :class:`PublishRejected` on a 4xx and ``RuntimeError`` on any other
+        non-200 answer.
+        """
+        conn = await self._connect()
+        try:
+            conn, status, body = await self._send(conn, self.build(name, channels, data))
+        finally:
+            if conn.transport is not None:
+                conn.transport.close()
+        self.sent += 1
+        text = body[:300].decode("utf-8", "replace").strip()
+        if 400 <= status < 500:
+            raise PublishRejected(f"HTTP {status} from {self.path}: {text}")
+        if status != 200:
+            raise RuntimeError(f"HTTP {status} from {self.path}: {text}")
+        self.ok += 1
 
     async def run(
         self,

@@ -116,7 +116,7 @@ class Session:
         return f"{self.t.host}:{self.t.port}{pid}"
 
     async def connect(
-        self, total: int, channel: str, members: int = -1
+        self, total: int, channel: str, members: int = -1, groups: int = 1
     ) -> tuple[int, int, float, list[str]]:
         """Open ``total`` subscribed connections spread over the workers.
 
@@ -132,6 +132,7 @@ class Session:
                 "concurrency": self.c.connect_concurrency,
                 "timeout": self.c.connect_timeout,
                 "members": members,
+                "groups": groups,
             }
             for i in range(self.nprocs)
         ]
