@@ -92,3 +92,34 @@ def test_wrong_app_id_stops_at_the_first_4xx_with_the_servers_message() -> None:
     assert stopped, r["failures"]
     assert "HTTP 404" in stopped[0] and "/apps/no-such-app/events" in stopped[0], stopped
     assert "events_ok" not in r["metrics"]  # it gave up before the delivery phase
+
+
+@pytest.mark.timeout(120)
+def test_smoke_storm_restart() -> None:
+    """Every client is dropped by a kill -9 of the server tree and comes back."""
+    r = run_bench("storm", "-c", "60", "--channels", "7", "--storm-timeout", "60")
+    m = r["metrics"]
+    assert m["dropped"] == 60 and m["reconnected"] == 60, (m, r["failures"])
+    assert m["verified_exact_delivery"] is True, r["failures"]
+    assert m["failed_reconnects"] == 0 and m["dropped_again"] == 0, r["errors"]
+    assert 0 < m["listen_after_drop_s"] <= m["all_back_s"], m
+    assert r["ok"], r["failures"]
+
+
+@pytest.mark.skipif("VASK_BENCH_SMOKE_CMD" in os.environ, reason="Vask's own SIGUSR2")
+@pytest.mark.timeout(120)
+def test_smoke_storm_rolling_restart_signal() -> None:
+    """Vask's rolling restart (SIGUSR2 to the supervisor) drops every client with 4200."""
+    global SERVER_CMD
+    saved = SERVER_CMD
+    # Two workers, so clients have somewhere to go; a short drain window for the test.
+    SERVER_CMD = saved.replace("--workers 1", "--workers 2")
+    try:
+        r = run_bench("storm", "-c", "40", "--channels", "3", "--mode", "signal",
+                      "--storm-timeout", "60")
+    finally:
+        SERVER_CMD = saved
+    m = r["metrics"]
+    assert m["dropped"] == 40 and m["verified_exact_delivery"] is True, (m, r["failures"])
+    assert m["failed_reconnects"] == 0, r["errors"]
+    assert r["ok"], r["failures"]

@@ -248,6 +248,17 @@ KEY_METRICS["webhooks"] = [
 ]
 
 
+# The reconnect storm: how fast and at what cost every client comes back.
+KEY_METRICS["storm"] = [
+    ("all_back_s", False),
+    ("listen_after_drop_s", False),
+    ("reconnect_after_listen_s", False),
+    ("server_cpu_s", False),
+    ("server_cpu_ms_per_reconnect", False),
+    ("failed_reconnects", False),
+]
+
+
 def _get(metrics: dict[str, Any], path: str) -> float:
     v: Any = metrics
     for part in path.split("."):
@@ -384,16 +395,6 @@ def webhooks(**kw: Any) -> None:
     )
     _run(lambda: run_webhooks(t, c, p), as_json)
 
-
-# The reconnect storm: how fast and at what cost every client comes back.
-KEY_METRICS["storm"] = [
-    ("all_back_s", False),
-    ("listen_after_drop_s", False),
-    ("reconnect_after_listen_s", False),
-    ("server_cpu_s", False),
-    ("server_cpu_ms_per_reconnect", False),
-    ("failed_reconnects", False),
-]
 
 
 @bench.command()
