@@ -8,6 +8,7 @@ from vask import envelope
 from vask.envelope import (
     VERBS,
     Bye,
+    Caught,
     ConnClose,
     ConnOpen,
     Deliver,
@@ -56,6 +57,7 @@ SAMPLES = [
     Stats(42, {"counters": {"vask_deliveries": {"1": 5}}, "gauges": {"vask_connected": {"1": 2}},
                "histograms": {"vask_broker_round_trip_seconds": [1, 0, 2, 1500]}}),
     Stats(42, {}),
+    Caught(7),
 ]
 
 

@@ -172,6 +172,10 @@ class Settings:
     #: the broker's Prometheus listener (docs/metrics.md); port 0 = no listener
     metrics_port: int = 9601
     metrics_host: str = "127.0.0.1"
+    #: seconds a worker may fall behind in delivering what the broker routed to it
+    #: before HTTP API publishes that reach it are answered late (back-pressure on
+    #: the publisher; docs/operations.md); 0 = never answer late
+    max_delivery_lag: float = 0.1
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -214,6 +218,7 @@ _SERVER_KEYS = {
     "pid_file": str,
     "metrics_port": int,
     "metrics_host": str,
+    "max_delivery_lag": float,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -391,6 +396,9 @@ def _check_settings(settings: Settings) -> None:
     for name in ("max_connections_per_worker", "max_connections_per_ip"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"server.{name}: must be 0 (automatic/unlimited) or more")
+    if not 0 <= settings.max_delivery_lag < settings.broker_timeout:
+        raise ConfigError("server.max_delivery_lag: must be from 0 up to (not including) "
+                          "broker_timeout")
     for name in ("drain_window", "stop_ready_delay"):
         if not 0 <= getattr(settings, name) <= 3600:
             raise ConfigError(f"server.{name}: must be between 0 and 3600 seconds")

@@ -37,6 +37,7 @@ from vask.config import Settings
 from vask.envelope import (
     ENVELOPE_VERSION,
     Bye,
+    Caught,
     Heartbeat,
     Hello,
     Recovered,
@@ -98,6 +99,9 @@ class BrokerLink:
         #: (0: none since our hello)
         self.sent_seq = 0
         self.heard_seq = 0
+        #: the last ``heard_seq`` reported in a :class:`Caught` (back-pressure; only
+        #: reported when ``max_delivery_lag`` > 0)
+        self.caught_seq = 0
         #: the worker's metrics registry: the link counts its gaps, drops and resyncs
         #: (``counters``) and the round trip of every request (``round_trips``)
         self.metrics = metrics if metrics is not None else WorkerMetrics([])
@@ -151,7 +155,7 @@ class BrokerLink:
     def say_hello(self) -> None:
         self.welcomed = False
         self.recovered = False
-        self.heard_seq = 0
+        self.heard_seq = self.caught_seq = 0
         self._fail_pending()
         self.send(Hello(ENVELOPE_VERSION, self.name, self.epoch, self.prefix, os.getpid()))
 
@@ -276,6 +280,12 @@ class BrokerLink:
             self._drain()
         finally:
             self.on_batch(False)
+        # What this drain delivered is now written to the clients' transports: tell the
+        # broker how far we are, so it can hold back publishers while we lag behind.
+        if self.heard_seq != self.caught_seq and self.welcomed and \
+                self.settings.max_delivery_lag > 0:
+            self.caught_seq = self.heard_seq
+            self.send(Caught(self.heard_seq))
 
     def _drain(self) -> None:
         sock = self.sock
