@@ -175,7 +175,7 @@ class Settings:
     #: seconds a worker may fall behind in delivering what the broker routed to it
     #: before HTTP API publishes that reach it are answered late (back-pressure on
     #: the publisher; docs/operations.md); 0 = never answer late
-    max_delivery_lag: float = 0.1
+    max_delivery_lag: float = 0.0
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:

@@ -123,3 +123,18 @@ def test_smoke_storm_rolling_restart_signal() -> None:
     assert m["dropped"] == 40 and m["verified_exact_delivery"] is True, (m, r["failures"])
     assert m["failed_reconnects"] == 0, r["errors"]
     assert r["ok"], r["failures"]
+
+
+@pytest.mark.skipif("VASK_BENCH_SMOKE_CMD" in os.environ, reason="a Vask setting")
+@pytest.mark.timeout(90)
+def test_smoke_fanout_with_back_pressure_on() -> None:
+    """With max_delivery_lag set, every publish is still answered 200 and delivered once."""
+    global SERVER_CMD
+    saved = SERVER_CMD
+    SERVER_CMD = "VASK_MAX_DELIVERY_LAG=0.01 " + saved.replace("--workers 1", "--workers 2")
+    try:
+        r = run_bench("fanout", "-s", "40", "-e", "300", "-k", "4")
+    finally:
+        SERVER_CMD = saved
+    assert r["metrics"]["delivery_ratio"] == 1.0 and r["metrics"]["events_ok"] == 300, r
+    assert r["ok"], r["failures"]

@@ -60,6 +60,11 @@ def target_options(f: F) -> F:
                      help="Give up waiting for deliveries after this long without progress."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         click.option("--quiet", is_flag=True, help="No progress on stderr."),
+        click.option("--source-addrs", "sources", type=click.IntRange(1, 254), default=1,
+                     show_default=True,
+                     help="Spread client connections over loopback source addresses "
+                     "127.0.0.1..N (one address has ~28 000 ports towards one server port; "
+                     "needs --host 127.0.0.1)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -76,7 +81,7 @@ def _split(kw: dict[str, Any]) -> tuple[Target, Common, bool]:
     c = Common(
         procs=kw.pop("procs"), connect_concurrency=kw.pop("connect_concurrency"),
         connect_timeout=kw.pop("connect_timeout"), drain_timeout=kw.pop("drain_timeout"),
-        progress=not kw.pop("quiet"),
+        progress=not kw.pop("quiet"), sources=kw.pop("sources"),
     )
     return t, c, kw.pop("as_json")
 

@@ -313,7 +313,8 @@ class Storm:
 
             try:
                 await asyncio.wait_for(
-                    loop.create_connection(factory, w.host, w.port), self.timeout)
+                    loop.create_connection(factory, w.host, w.port,
+                                           local_addr=w.source(old.index)), self.timeout)
                 await asyncio.wait_for(asyncio.shield(conn.ready), self.timeout)
             except ConnectionRefusedError:
                 self.refused += 1
@@ -367,6 +368,9 @@ class Worker:
         self.key: str = cfg["key"]
         self.secret: str = cfg["secret"]
         self.path = f"/app/{self.key}?protocol=7&client=js&version=8.4.0&flash=false"
+        #: loopback source addresses 127.0.0.1..N: one address has only ~28 000 ephemeral
+        #: ports towards one server port, so 40 000 connections need several
+        self.sources: int = cfg.get("sources", 1)
         self.conns: list[PusherConn] = []
         self.lat: array[int] = array("q")
         self.deliveries = 0
@@ -382,6 +386,12 @@ class Worker:
         self.leave_last_t = 0
         self.done = asyncio.get_running_loop().create_future()
         self.storm: Storm | None = None
+
+    def source(self, index: int) -> tuple[str, int] | None:
+        """The local address for connection ``index`` (None: the kernel's choice)."""
+        if self.sources <= 1:
+            return None
+        return (f"127.0.0.{1 + index % self.sources}", 0)
 
     def note_error(self, msg: str) -> None:
         """Count an error; keep the first few messages for the report."""
@@ -435,7 +445,8 @@ class Worker:
             async with sem:
                 try:
                     await asyncio.wait_for(
-                        loop.create_connection(lambda: conn, self.host, self.port), timeout
+                        loop.create_connection(lambda: conn, self.host, self.port,
+                                               local_addr=self.source(i)), timeout
                     )
                     self.conns.append(conn)
                     await asyncio.wait_for(asyncio.shield(conn.ready), timeout)

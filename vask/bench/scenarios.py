@@ -50,6 +50,8 @@ class Common:
     connect_timeout: float = 30.0
     drain_timeout: float = 10.0
     progress: bool = True
+    #: loopback source addresses for the clients (127.0.0.1..N); 1 = the kernel's choice
+    sources: int = 1
 
 
 def default_procs(conns: int, requested: int | None) -> int:
@@ -83,7 +85,8 @@ class Session:
             await asyncio.to_thread(self.server.start)
             self.t.port = self.server.port
             self.server_root = self.server.pid
-        cfg = {"host": self.t.host, "port": self.t.port, "key": self.t.key, "secret": self.t.secret}
+        cfg = {"host": self.t.host, "port": self.t.port, "key": self.t.key, "secret": self.t.secret,
+               "sources": self.c.sources}
         self.pool = WorkerPool(self.nprocs, cfg)
         await self.pool.start()
         return self
