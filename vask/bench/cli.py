@@ -227,6 +227,7 @@ KEY_METRICS: dict[str, list[tuple[str, bool]]] = {
         ("join_per_s", True),
         ("join_complete_s", False),
         ("leave_complete_s", False),
+        ("server_rss_mib_peak", False),
     ],
     "client-events": [
         ("deliveries_per_s", True),

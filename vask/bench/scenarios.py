@@ -405,6 +405,8 @@ async def run_presence(
         out = _base("presence", {"members": members, "channel": channel}, s)
         m = out["metrics"]
         meter = s.meter()
+        rss0 = meter.memory()
+        peak = _PeakRss(meter)
         meter.begin()
         t0_us = time.monotonic_ns() // 1000
         ok, failed, took, errs = await s.connect(members, channel, members)
@@ -443,6 +445,10 @@ async def run_presence(
         out["resources"]["leave"] = meter.end().as_dict()
         # Give late duplicates a chance to show up before verifying exactness.
         await asyncio.sleep(0.5)
+        peak_kib = await peak.stop()
+        if rss0 is not None and peak_kib:
+            m["server_rss_mib_before"] = rss0[0] / 1024
+            m["server_rss_mib_peak"] = peak_kib / 1024
         r = await s.results(
             {
                 "all_ids": [f"u{i}" for i in range(members)],
@@ -462,6 +468,31 @@ async def run_presence(
         if r["unexpected_closes"]:
             _fail(out, f"{r['unexpected_closes']} connections closed unexpectedly")
         return out
+
+
+class _PeakRss:
+    """Samples the server tree's RSS every 0.2 s until stopped; keeps the largest."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.peak = 0
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            mem = await asyncio.to_thread(self.meter.memory)
+            if mem is None:
+                return
+            self.peak = max(self.peak, mem[0])
+            await asyncio.sleep(0.2)
+
+    async def stop(self) -> int:
+        """Stop sampling (after one last sample); the peak RSS in KiB (0: unknown)."""
+        self.task.cancel()
+        mem = self.meter.memory()
+        if mem is not None:
+            self.peak = max(self.peak, mem[0])
+        return self.peak
 
 
 async def run_client_events(
