@@ -66,6 +66,7 @@ from vask.envelope import (
 )
 from vask.process import die_with_parent
 from vask.reload import read_settings_file
+from vask.zmqsend import send_frames
 
 log = logging.getLogger("vask.broker")
 
@@ -320,8 +321,9 @@ class Broker:
             seq = sent_seq[identity] = sent_seq.get(identity, 0) + 1 \
                 if identity in workers else 0
             try:
-                router.send_multipart(
-                    [identity, seq.to_bytes(8, "big"), *envelope.encode_batch(box)], _NOBLOCK)
+                send_frames(router,
+                            [identity, seq.to_bytes(8, "big"), *envelope.encode_batch(box)],
+                            _NOBLOCK)
                 if seq:
                     self.backpressure.sent(identity, seq, now)
             except zmq.Again:

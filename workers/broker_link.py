@@ -49,6 +49,7 @@ from vask.envelope import (
     Welcome,
 )
 from vask.metrics import WorkerMetrics
+from vask.zmqsend import send_frames
 
 log = logging.getLogger("vask.worker")
 
@@ -219,8 +220,9 @@ class BrokerLink:
             chunk = outbox[start:start + BATCH_LIMIT]
             self.sent_seq += 1
             try:
-                self.sock.send_multipart(
-                    [self.sent_seq.to_bytes(8, "big"), *envelope.encode_batch(chunk)], _NOBLOCK)
+                send_frames(self.sock,
+                            [self.sent_seq.to_bytes(8, "big"), *envelope.encode_batch(chunk)],
+                            _NOBLOCK)
             except zmq.Again:
                 # The broker will see the gap in our numbers; do not wait for it to say so.
                 self.counters["link_drops"] += 1
