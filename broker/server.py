@@ -42,15 +42,18 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from vask import curve, envelope
 from vask.broker.admin import AdminServer
+from vask.broker.backpressure import Backpressure
 from vask.broker.metrics import ClusterTotals, MetricsServer, cluster_snapshot
 from vask.broker.state import ClusterState, Out
 from vask.broker.webhook_link import WebhookLink
 from vask.config import Settings
 from vask.envelope import (
     Bye,
+    Caught,
     ConnClose,
     ConnOpen,
     Debug,
+    Deliver,
     Heartbeat,
     Hello,
     Moved,
@@ -67,6 +70,7 @@ from vask.envelope import (
 )
 from vask.process import die_with_parent
 from vask.reload import read_settings_file
+from vask.zmqsend import send_frames
 
 log = logging.getLogger("vask.broker")
 
@@ -207,7 +211,10 @@ class Broker:
         self.outboxes: dict[bytes, list[list[bytes]]] = {}
         #: answers to HTTP API publishes: sent after every delivery of the same flush,
         #: and turned into refusals if a delivery could not be queued (see flush)
-        self.acks: list[tuple[bytes, Reply]] = []
+        self.acks: list[tuple[bytes, Reply, tuple[bytes, ...]]] = []
+        #: answers held back while a worker they reach lags (``max_delivery_lag``)
+        self.backpressure = Backpressure(settings.max_delivery_lag,
+                                         settings.broker_timeout / 2)
         #: sequence numbers (see docs/envelope.md): of the last ZeroMQ message sent to
         #: each known worker, and of the last one received from each peer
         self.sent_seq: dict[bytes, int] = {}
@@ -311,12 +318,16 @@ class Broker:
         """
         full = self._send_boxes(self.outboxes)
         self.outboxes = {}
+        ready: list[tuple[bytes, Reply]] = []
         if self.acks:
             acks, self.acks = self.acks, []
             if full:
-                acks = [(i, Reply(r.rid, _UNDELIVERABLE) if r.body.get("ok") else r)
-                        for i, r in acks]
-            self.send(acks)
+                acks = [(i, Reply(r.rid, _UNDELIVERABLE) if r.body.get("ok") else r, t)
+                        for i, r, t in acks]
+            ready = self.backpressure.hold(acks, time.monotonic(), self.state.workers)
+        ready += self.backpressure.release(time.monotonic(), self.state.workers)
+        if ready:
+            self.send(ready)
             self._send_boxes(self.outboxes)
             self.outboxes = {}
         self.resynced.clear()
@@ -333,8 +344,11 @@ class Broker:
             seq = sent_seq[identity] = sent_seq.get(identity, 0) + 1 \
                 if identity in workers else 0
             try:
-                router.send_multipart(
-                    [identity, seq.to_bytes(8, "big"), *envelope.encode_batch(box)], _NOBLOCK)
+                send_frames(router,
+                            [identity, seq.to_bytes(8, "big"), *envelope.encode_batch(box)],
+                            _NOBLOCK)
+                if seq:
+                    self.backpressure.sent(identity, seq, now)
             except zmq.Again:
                 full = True
                 self.send_log(now, "dropping %d messages to worker %s: its queue is full",
@@ -467,6 +481,7 @@ class Broker:
         state.now = now
         if isinstance(message, Hello):
             self.sent_seq.pop(identity, None)  # its numbering restarts with the welcome
+            self.backpressure.forget(identity)
             self.send(state.hello(identity, message, now))
             return
         if not state.seen(identity, now):
@@ -502,6 +517,9 @@ class Broker:
                 self._answer_later(out)
         elif isinstance(message, Synced):
             out = state.synced(identity)
+        elif isinstance(message, Caught):
+            self.backpressure.caught(identity, message.seq)
+            out = []
         elif isinstance(message, Heartbeat):
             out = []
         elif isinstance(message, Stats):
@@ -542,10 +560,12 @@ class Broker:
         return [(identity, Resync(self.epoch))]
 
     def _answer_later(self, out: Out) -> None:
-        """Move the publish answer out of ``out`` into :attr:`acks` (see flush)."""
+        """Move the publish answer out of ``out`` into :attr:`acks` (see flush), with
+        the workers its deliveries go to (back-pressure waits for them)."""
         identity, answer = out.pop()
         assert isinstance(answer, Reply)
-        self.acks.append((identity, answer))
+        targets = tuple({worker for worker, message in out if isinstance(message, Deliver)})
+        self.acks.append((identity, answer, targets))
 
     def read_control(self) -> None:
         data = os.read(self.control_fd, 65536)
@@ -629,7 +649,7 @@ class Broker:
             self.error_log(now, "error in the broker's timers", exc_info=True)
         # Publish answers (acks) wait in flush too: a publish that delivered to nobody
         # leaves the outboxes empty, and must still be answered in this turn.
-        if self.outboxes or self.acks:
+        if self.outboxes or self.acks or self.backpressure.parked:
             self.flush()
         if hooks is not None:
             hooks.flush(now)

@@ -8,6 +8,7 @@ from vask import envelope
 from vask.envelope import (
     VERBS,
     Bye,
+    Caught,
     ConnClose,
     ConnOpen,
     Console,
@@ -64,6 +65,7 @@ SAMPLES = [
     Console([]),
     Debug([{"type": "connect", "app": "1", "socket_id": "1.2", "worker": 0, "time_ms": 1}]),
     Debug([]),
+    Caught(7),
 ]
 
 

@@ -53,3 +53,23 @@ def test_a_malformed_member_event_is_ignored() -> None:
     rosters.observe(KEY, b'{"event":"pusher_internal:member_added","data":"not json')
     rosters.observe(KEY, b'{"event":"pusher_internal:member_added","data":{"x":1}}')
     assert rosters.told[KEY] == {"a": {"n": 1}, "b": None}
+
+
+def test_a_first_subscriber_or_an_unchanged_roster_needs_no_events() -> None:
+    rosters = Rosters()
+    assert rosters.subscribed(KEY, {"hash": {"a": None}}) == []
+    rosters.observe(KEY, frames.member_added("presence-room", "b", {"n": 2}))
+    # the next answer holds what the earlier subscribers were told by member events
+    assert rosters.subscribed(KEY, {"hash": {"a": None, "b": {"n": 2}}}) == []
+
+
+def test_a_newer_roster_after_a_quiet_period_is_told_to_the_earlier_subscribers() -> None:
+    # While the broker recovers it sends no member events: "c" joined and "a" left
+    # without the earlier local subscribers hearing of it; the next answer shows both.
+    rosters = told_after_subscribe()
+    out = rosters.subscribed(KEY, {"hash": {"b": None, "c": {"n": 3}}})
+    assert events(out) == [("member_removed", "a"), ("member_added", "c")]
+    assert orjson.loads(orjson.loads(out[1])["data"])["user_info"] == {"n": 3}
+    assert rosters.told[KEY] == {"b": None, "c": {"n": 3}}
+    # after the recovery the comparison starts from the view everyone now has
+    assert rosters.diff(KEY, {"b": None, "c": {"n": 3}}) == []

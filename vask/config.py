@@ -197,6 +197,10 @@ class Settings:
     insecure_broker: bool = False
     #: the dashboard's credential (docs/dashboard.md); "" = no dashboard, no admin API
     admin_token: str = ""
+    #: seconds a worker may fall behind in delivering what the broker routed to it
+    #: before HTTP API publishes that reach it are answered late (back-pressure on
+    #: the publisher; docs/operations.md); 0 = never answer late
+    max_delivery_lag: float = 0.0
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -249,6 +253,7 @@ _SERVER_KEYS = {
     "authorized_keys_dir": str,
     "insecure_broker": bool,
     "admin_token": str,
+    "max_delivery_lag": float,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -451,6 +456,9 @@ def _check_settings(settings: Settings) -> None:
     for name in ("max_connections_per_worker", "max_connections_per_ip"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"server.{name}: must be 0 (automatic/unlimited) or more")
+    if not 0 <= settings.max_delivery_lag < settings.broker_timeout:
+        raise ConfigError("server.max_delivery_lag: must be from 0 up to (not including) "
+                          "broker_timeout")
     for name in ("drain_window", "stop_ready_delay"):
         if not 0 <= getattr(settings, name) <= 3600:
             raise ConfigError(f"server.{name}: must be between 0 and 3600 seconds")

@@ -312,12 +312,26 @@ class Debug(Verb):
     records: list[dict[str, Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class Caught(Verb):
+    """Worker -> broker: every numbered broker message up to ``seq`` is handled, and
+    what it delivered is written to the clients' connections.
+
+    Sent at the end of a drain that handled something new, only when
+    ``max_delivery_lag`` > 0: the broker measures from it how far behind each worker
+    is, and answers HTTP API publishes late while a worker they reach is further behind
+    than the bound (docs/operations.md, "Back-pressure")."""
+
+    VERB = b"CAUGHT"
+    seq: int
+
+
 VERBS: dict[bytes, type[Verb]] = {
     cls.VERB: cls
     for cls in (
         Hello, Welcome, Heartbeat, Resync, Synced, Recovered, Bye, ConnOpen, ConnClose, Subscribe,
         Unsubscribe, SignIn, Publish, Deliver, DeliverTo, Terminate, TerminateUser, Query,
-        Reply, Stats, Moved, Console, Debug,
+        Reply, Stats, Moved, Console, Debug, Caught,
     )
 }
 
@@ -421,6 +435,7 @@ _CHECKS: dict[type[Verb], tuple[_Check, ...]] = {
     Hello: (_count, _name, _count, _count, _count),
     Welcome: (_flag, _count, _text),
     Heartbeat: (_count,),
+    Caught: (_count,),
     Resync: (_count,),
     Synced: (_count,),
     Recovered: (_count,),

@@ -37,6 +37,7 @@ from vask.config import Settings
 from vask.envelope import (
     ENVELOPE_VERSION,
     Bye,
+    Caught,
     Console,
     Heartbeat,
     Hello,
@@ -50,6 +51,7 @@ from vask.envelope import (
     Welcome,
 )
 from vask.metrics import WorkerMetrics
+from vask.zmqsend import send_frames
 
 log = logging.getLogger("vask.worker")
 
@@ -100,6 +102,9 @@ class BrokerLink:
         #: (0: none since our hello)
         self.sent_seq = 0
         self.heard_seq = 0
+        #: the last ``heard_seq`` reported in a :class:`Caught` (back-pressure; only
+        #: reported when ``max_delivery_lag`` > 0)
+        self.caught_seq = 0
         #: the worker's metrics registry: the link counts its gaps, drops and resyncs
         #: (``counters``) and the round trip of every request (``round_trips``)
         self.metrics = metrics if metrics is not None else WorkerMetrics([])
@@ -160,7 +165,7 @@ class BrokerLink:
     def say_hello(self) -> None:
         self.welcomed = False
         self.recovered = False
-        self.heard_seq = 0
+        self.heard_seq = self.caught_seq = 0
         self._fail_pending()
         self.send(Hello(ENVELOPE_VERSION, self.name, self.epoch, self.prefix, os.getpid()))
 
@@ -354,8 +359,9 @@ class BrokerLink:
             chunk = outbox[start:start + BATCH_LIMIT]
             self.sent_seq += 1
             try:
-                self.sock.send_multipart(
-                    [self.sent_seq.to_bytes(8, "big"), *envelope.encode_batch(chunk)], _NOBLOCK)
+                send_frames(self.sock,
+                            [self.sent_seq.to_bytes(8, "big"), *envelope.encode_batch(chunk)],
+                            _NOBLOCK)
             except zmq.Again:
                 # The broker will see the gap in our numbers; do not wait for it to say so.
                 self.counters["link_drops"] += 1
@@ -415,6 +421,12 @@ class BrokerLink:
             self._drain()
         finally:
             self.on_batch(False)
+        # What this drain delivered is now written to the clients' transports: tell the
+        # broker how far we are, so it can hold back publishers while we lag behind.
+        if self.heard_seq != self.caught_seq and self.welcomed and \
+                self.settings.max_delivery_lag > 0:
+            self.caught_seq = self.heard_seq
+            self.send(Caught(self.heard_seq))
 
     def _drain(self) -> None:
         sock = self.sock

@@ -154,7 +154,10 @@ class BrokerSync:
                 index.confirmed.add(key)
                 presence = body.get("presence")
                 if isinstance(presence, dict):
-                    worker.rosters.subscribed(key, presence)
+                    for payload in worker.rosters.subscribed(key, presence):
+                        # to the subscribers that were there before this one
+                        worker.index.fan_out(key[0], key[1], message.socket_id,
+                                             text_frame(payload))
 
         link.request(
             lambda rid: Subscribe(rid, message.app, message.channel, message.socket_id,

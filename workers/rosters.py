@@ -38,11 +38,30 @@ class Rosters:
     def __init__(self) -> None:
         self.told: dict[Key, dict[str, Any]] = {}
 
-    def subscribed(self, key: Key, presence: dict[str, Any]) -> None:
+    def subscribed(self, key: Key, presence: dict[str, Any]) -> list[bytes]:
         """A local client was sent ``subscription_succeeded`` with this roster (the
-        broker's ``{"ids", "hash", "count"}``): it is the newest view of the channel."""
+        broker's ``{"ids", "hash", "count"}``): it is the newest view of the channel.
+
+        Returns the member events that bring the channel's *other* local subscribers
+        to the same view. Normally there are none: every join and leave reaches this
+        worker as a member event before any later answer, so the told roster already
+        equals the new one. While the broker is recovering (or this worker syncing) it
+        sends no member events, and subscribers that joined earlier were never told of
+        the members that joined or left since: without these events they would keep the
+        older view, and the roster comparison after the recovery (:meth:`diff`, which
+        assumes one view per channel) could not repair it.
+        """
         hash_ = presence.get("hash")
-        self.told[key] = dict(hash_) if isinstance(hash_, dict) else {}
+        new = dict(hash_) if isinstance(hash_, dict) else {}
+        old = self.told.get(key)
+        self.told[key] = new
+        if old is None or old.keys() == new.keys():
+            return []
+        channel = key[1]
+        out = [frames.member_removed(channel, user_id) for user_id in old if user_id not in new]
+        out += [frames.member_added(channel, user_id, info)
+                for user_id, info in new.items() if user_id not in old]
+        return out
 
     def left(self, key: Key) -> None:
         """The channel has no local subscriber any more."""

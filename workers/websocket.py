@@ -23,6 +23,11 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
 from vask import frames
 from vask.envelope import Publish
 from vask.metrics import AppStats
@@ -101,10 +106,18 @@ class PusherConnection(Outbound):
         self.stats.ws_bytes_in += len(data)
         self.last_seen = self.worker.clock
         self.ping_sent = 0.0
+        fast = 0
+        if self.ws is None and self.phase == OPEN and self.fragments is None:
+            fast, rest = self._fast_frames(data)
+            if not rest:
+                if fast > BURST_FRAMES:
+                    self.pause_for_a_turn()
+                return
+            data = rest
         ws = self.protocol()
         self.unparsed += len(data)
         ws.receive_data(data)
-        if self._frames(ws) > BURST_FRAMES:
+        if self._frames(ws) + fast > BURST_FRAMES:
             # One read held a flood of messages: let everyone else have the loop before
             # this connection is read again (the event loop would otherwise read up to
             # 32 such buffers from it in one go).
@@ -143,6 +156,43 @@ class PusherConnection(Outbound):
             pool = self.worker.ws_pool
             if len(pool) < WS_POOL_SIZE:
                 pool.append(ws)
+
+    def _fast_frames(self, data: bytes) -> tuple[int, bytes]:
+        """Handle the leading complete, unfragmented, masked text frames of ``data``
+        without websockets; return how many, and the bytes left for websockets.
+
+        Nearly every client message (a subscribe, a client event, a pong) is one small
+        text frame in one read. For those, building and parsing through websockets'
+        protocol object (a generator-based reader, a Frame, UTF-8 decoding) costs more
+        than the rest of handling the message. Anything else (control frames,
+        fragments, RSV bits, an unmasked or oversized or partial frame) stops the fast
+        path at that frame: websockets gets it, fresh at a frame boundary, and applies
+        its rules as before (close codes included). Text is not checked for UTF-8 here,
+        as websockets' sans-I/O layer does not check it either: the session's JSON
+        decoding refuses invalid UTF-8 with a ``pusher:error``.
+        """
+        n = len(data)
+        pos = count = 0
+        limit = self.worker.settings.max_message_bytes
+        while self.phase == OPEN and self.ws is None:
+            if n - pos < 6 or data[pos] != 0x81:  # FIN, no RSV, text
+                break
+            length = data[pos + 1] ^ 0x80  # the mask bit must be set
+            if length < 126:
+                head = pos + 2
+            elif length == 126 and n - pos >= 8:
+                length = int.from_bytes(data[pos + 2:pos + 4], "big")
+                head = pos + 4
+            else:
+                break  # unmasked, 64-bit length, or the length is not all here yet
+            end = head + 4 + length
+            if length > limit or end > n:
+                break
+            payload = apply_mask(data[head + 4:end], data[head:head + 4])
+            pos = end
+            count += 1
+            self._text(payload)
+        return count, data[pos:] if pos else data
 
     def _frames(self, ws: ServerProtocol) -> int:
         """Handle the frames parsed so far; how many there were."""

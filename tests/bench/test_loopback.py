@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from vask.bench.httppub import Publisher
+from vask.bench.httppub import Publisher, PublishRejected
 from vask.bench.loadgen import Worker, now_us
 from vask.bench.signing import hmac_hex, private_auth
 
@@ -109,3 +109,42 @@ def test_publisher_signs_and_reuses_connections() -> None:
     assert pub.connections == 2  # keep-alive honoured: one connection per lane
     assert all(s["ok"] for s in seen) and len(seen) == 6
     assert {s["body"]["channel"] for s in seen} == {"bench"}
+
+
+@pytest.mark.timeout(20)
+def test_publisher_stops_at_the_first_4xx_with_the_servers_message() -> None:
+    requests = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n")
+                          if x.lower().startswith(b"content-length"))
+            await reader.readexactly(length)
+            requests += 1
+            body = b'{"error":"Unknown app id \'x\'."}'
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+
+    async def main() -> tuple[Publisher, str]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pub = Publisher("127.0.0.1", port, "x", KEY, SECRET, inflight=3)
+        try:
+            await pub.run(1000, lambda seq, t: f"~ts{t}~{seq}", "bench")
+        except PublishRejected as e:
+            msg = str(e)
+        else:
+            msg = ""
+        server.close()
+        return pub, msg
+
+    pub, msg = asyncio.run(main())
+    assert "HTTP 404" in msg and "Unknown app id" in msg and "/apps/x/events" in msg
+    # Each lane stops after its first answer: at most one request per lane.
+    assert pub.ok == 0 and 1 <= requests <= 3 and pub.sent == requests

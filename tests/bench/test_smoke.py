@@ -23,15 +23,15 @@ import pytest
 SERVER_CMD = os.environ.get(
     "VASK_BENCH_SMOKE_CMD",
     f"{shlex.quote(sys.executable)} -m vask.cli run --workers 1 --host 127.0.0.1 --port {{port}}")
-# Vask's default app has id "1"; soketi's is "app-id". Override with VASK_BENCH_SMOKE_APP_ID.
-APP_ID = os.environ.get(
-    "VASK_BENCH_SMOKE_APP_ID", "app-id" if "VASK_BENCH_SMOKE_CMD" in os.environ else "1"
-)
+# Vask's default app has id "1", and so have the bench's defaults and bin/soketi-peer's.
+# Override with VASK_BENCH_SMOKE_APP_ID.
+APP_ID = os.environ.get("VASK_BENCH_SMOKE_APP_ID", "1")
 
 
-def run_bench(*args: str) -> dict[str, Any]:
+def run_bench(*args: str, app_id: str | None = APP_ID) -> dict[str, Any]:
+    ids = ["--app-id", app_id] if app_id is not None else []
     argv = [sys.executable, "-m", "vask.bench", *args, "--server-cmd", SERVER_CMD,
-            "--app-id", APP_ID, "--startup-timeout", "10", "--drain-timeout", "3",
+            *ids, "--startup-timeout", "10", "--drain-timeout", "3",
             "--connect-timeout", "5", "--json", "--quiet"]
     proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
     assert proc.stdout, proc.stderr.decode()[-2000:]
@@ -73,4 +73,68 @@ def test_smoke_presence() -> None:
 def test_smoke_client_events() -> None:
     r = run_bench("client-events", "-n", "10", "-r", "5", "-d", "1")
     assert r["metrics"]["delivery_ratio"] == 1.0, r["failures"]
+    assert r["ok"], r["failures"]
+
+
+@pytest.mark.timeout(90)
+def test_defaults_work_against_a_default_server() -> None:
+    """No credentials given at all: the bench's defaults are the default app's."""
+    r = run_bench("fanout", "-s", "5", "-e", "5", app_id=None)
+    assert r["metrics"]["delivery_ratio"] == 1.0, r["failures"]
+    assert r["ok"], r["failures"]
+
+
+@pytest.mark.timeout(90)
+def test_wrong_app_id_stops_at_the_first_4xx_with_the_servers_message() -> None:
+    r = run_bench("fanout", "-s", "5", "-e", "50", app_id="no-such-app")
+    assert not r["ok"]
+    stopped = [f for f in r["failures"] if f.startswith("publishing stopped")]
+    assert stopped, r["failures"]
+    assert "HTTP 404" in stopped[0] and "/apps/no-such-app/events" in stopped[0], stopped
+    assert "events_ok" not in r["metrics"]  # it gave up before the delivery phase
+
+
+@pytest.mark.timeout(120)
+def test_smoke_storm_restart() -> None:
+    """Every client is dropped by a kill -9 of the server tree and comes back."""
+    r = run_bench("storm", "-c", "60", "--channels", "7", "--storm-timeout", "60")
+    m = r["metrics"]
+    assert m["dropped"] == 60 and m["reconnected"] == 60, (m, r["failures"])
+    assert m["verified_exact_delivery"] is True, r["failures"]
+    assert m["failed_reconnects"] == 0 and m["dropped_again"] == 0, r["errors"]
+    assert 0 < m["listen_after_drop_s"] <= m["all_back_s"], m
+    assert r["ok"], r["failures"]
+
+
+@pytest.mark.skipif("VASK_BENCH_SMOKE_CMD" in os.environ, reason="Vask's own SIGUSR2")
+@pytest.mark.timeout(120)
+def test_smoke_storm_rolling_restart_signal() -> None:
+    """Vask's rolling restart (SIGUSR2 to the supervisor) drops every client with 4200."""
+    global SERVER_CMD
+    saved = SERVER_CMD
+    # Two workers, so clients have somewhere to go; a short drain window for the test.
+    SERVER_CMD = saved.replace("--workers 1", "--workers 2")
+    try:
+        r = run_bench("storm", "-c", "40", "--channels", "3", "--mode", "signal",
+                      "--storm-timeout", "60")
+    finally:
+        SERVER_CMD = saved
+    m = r["metrics"]
+    assert m["dropped"] == 40 and m["verified_exact_delivery"] is True, (m, r["failures"])
+    assert m["failed_reconnects"] == 0, r["errors"]
+    assert r["ok"], r["failures"]
+
+
+@pytest.mark.skipif("VASK_BENCH_SMOKE_CMD" in os.environ, reason="a Vask setting")
+@pytest.mark.timeout(90)
+def test_smoke_fanout_with_back_pressure_on() -> None:
+    """With max_delivery_lag set, every publish is still answered 200 and delivered once."""
+    global SERVER_CMD
+    saved = SERVER_CMD
+    SERVER_CMD = "VASK_MAX_DELIVERY_LAG=0.01 " + saved.replace("--workers 1", "--workers 2")
+    try:
+        r = run_bench("fanout", "-s", "40", "-e", "300", "-k", "4")
+    finally:
+        SERVER_CMD = saved
+    assert r["metrics"]["delivery_ratio"] == 1.0 and r["metrics"]["events_ok"] == 300, r
     assert r["ok"], r["failures"]

@@ -26,6 +26,7 @@ from vask.bench.scenarios import (
     run_presence,
 )
 from vask.bench.stats import median
+from vask.config import DEFAULT_APP_ID
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,7 +37,9 @@ def target_options(f: F) -> F:
         click.option("--host", default="127.0.0.1", show_default=True, help="Server host."),
         click.option("--port", type=int, default=6001, show_default=True,
                      help="Server port (ignored with --server-cmd)."),
-        click.option("--app-id", default="app-id", show_default=True),
+        click.option("--app-id", default=DEFAULT_APP_ID, show_default=True,
+                     help="App id for the HTTP API (default: vask run's default app; "
+                     "bin/soketi-peer uses the same)."),
         click.option("--key", default="app-key", show_default=True),
         click.option("--secret", default="app-secret", show_default=True),
         click.option("--server-cmd", default=None,
@@ -62,6 +65,11 @@ def target_options(f: F) -> F:
                      help="CA file to verify the server's certificate with (implies --tls)."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         click.option("--quiet", is_flag=True, help="No progress on stderr."),
+        click.option("--source-addrs", "sources", type=click.IntRange(1, 254), default=1,
+                     show_default=True,
+                     help="Spread client connections over loopback source addresses "
+                     "127.0.0.1..N (one address has ~28 000 ports towards one server port; "
+                     "needs --host 127.0.0.1)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -79,7 +87,7 @@ def _split(kw: dict[str, Any]) -> tuple[Target, Common, bool]:
     c = Common(
         procs=kw.pop("procs"), connect_concurrency=kw.pop("connect_concurrency"),
         connect_timeout=kw.pop("connect_timeout"), drain_timeout=kw.pop("drain_timeout"),
-        progress=not kw.pop("quiet"),
+        progress=not kw.pop("quiet"), sources=kw.pop("sources"),
     )
     return t, c, kw.pop("as_json")
 
@@ -225,6 +233,7 @@ KEY_METRICS: dict[str, list[tuple[str, bool]]] = {
         ("join_per_s", True),
         ("join_complete_s", False),
         ("leave_complete_s", False),
+        ("server_rss_mib_peak", False),
     ],
     "client-events": [
         ("deliveries_per_s", True),
@@ -252,6 +261,17 @@ KEY_METRICS["webhooks"] = [
 ]
 
 
+# The reconnect storm: how fast and at what cost every client comes back.
+KEY_METRICS["storm"] = [
+    ("all_back_s", False),
+    ("listen_after_drop_s", False),
+    ("reconnect_after_listen_s", False),
+    ("server_cpu_s", False),
+    ("server_cpu_ms_per_reconnect", False),
+    ("failed_reconnects", False),
+]
+
+
 def _get(metrics: dict[str, Any], path: str) -> float:
     v: Any = metrics
     for part in path.split("."):
@@ -267,7 +287,7 @@ def _get(metrics: dict[str, Any], path: str) -> float:
 @click.argument("scenario", type=click.Choice(sorted(KEY_METRICS)))
 @click.option("--rounds", type=int, default=3, show_default=True, help="A/B rounds (>= 3).")
 @click.option("--a-args", default="", help="Extra scenario options for A only, e.g. "
-              "'--app-id app-id' (shell-quoted string).")
+              "'--app-id other' (shell-quoted string).")
 @click.option("--b-args", default="", help="Extra scenario options for B only, e.g. '--app-id 1'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.pass_context
@@ -390,3 +410,32 @@ def webhooks(**kw: Any) -> None:
         churn_procs=kw["churn_procs"], receiver_port=kw["receiver_port"],
     )
     _run(lambda: run_webhooks(t, c, p), as_json)
+
+
+
+@bench.command()
+@target_options
+@click.option("--connections", "-c", type=click.IntRange(min=1), default=10000,
+              show_default=True)
+@click.option("--channels", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Public channels storm-0..N-1; client i subscribes to storm-(i mod N).")
+@click.option("--mode", type=click.Choice(["restart", "signal"]), default="restart",
+              show_default=True,
+              help="restart: SIGKILL the server tree and start the same command again "
+              "(needs --server-cmd); signal: send --signal to the server's root process "
+              "and let it drop the clients (Vask: USR2, a rolling restart).")
+@click.option("--signal", "sig", default="USR2", show_default=True,
+              help="Signal for --mode signal.")
+@click.option("--retry-min", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="First delay after a refused connect (doubles, jittered +-50%).")
+@click.option("--retry-max", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Largest delay between refused connects.")
+@click.option("--storm-timeout", type=click.FloatRange(min=1), default=120.0,
+              show_default=True, help="Give up when not all are back after this long.")
+def storm(**kw: Any) -> None:
+    """Reconnect storm: C subscribed clients dropped at once reconnect and resubscribe."""
+    from vask.bench.storm import run_storm
+
+    t, c, as_json = _split(kw)
+    _run(lambda: run_storm(t, c, kw["connections"], kw["channels"], kw["mode"], kw["sig"],
+                           kw["retry_min"], kw["retry_max"], kw["storm_timeout"]), as_json)

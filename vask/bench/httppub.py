@@ -78,11 +78,22 @@ class _HttpConn(asyncio.Protocol):
         return await self.waiter
 
 
+class PublishRejected(RuntimeError):
+    """The server answered a trigger with a 4xx: retrying cannot help, so the run stops.
+
+    Typical causes are a wrong ``--app-id``, key or secret, or an app limit; the
+    message carries the status and the server's own words.
+    """
+
+
 class Publisher:
     """Triggers events over ``inflight`` keep-alive connections.
 
     Timestamps are taken immediately before each request is written, so the
-    latency measured by receivers includes the server's HTTP handling.
+    latency measured by receivers includes the server's HTTP handling. The first
+    4xx answer stops every lane and ``run`` raises :class:`PublishRejected`: a
+    client error repeats for every request, and waiting for deliveries that can
+    never come only hides the server's message behind a timeout.
     """
 
     def __init__(self, host: str, port: int, app_id: str, key: str, secret: str,
@@ -99,10 +110,12 @@ class Publisher:
         self.http_lat_us: list[int] = []
         self.connections = 0
         self.retries = 0
+        self.rejected: str | None = None  # the first 4xx, as "HTTP 404: <body>"
 
-    def build(self, name: str, channel: str, data: str) -> bytes:
-        """Return the raw signed HTTP request triggering one event."""
-        body = orjson.dumps({"name": name, "channel": channel, "data": data})
+    def build(self, name: str, channel: str | list[str], data: str) -> bytes:
+        """Return the raw signed HTTP request triggering one event (on up to 100 channels)."""
+        where = {"channels": channel} if isinstance(channel, list) else {"channel": channel}
+        body = orjson.dumps({"name": name, **where, "data": data})
         query = sign_query("POST", self.path, self.key, self.secret, body)
         return (
             f"POST {self.path}?{query} HTTP/1.1\r\n"
@@ -140,6 +153,26 @@ class Publisher:
             status, body = await asyncio.wait_for(conn.request(raw), 30)
         return conn, status, body
 
+    async def trigger(self, name: str, channels: list[str], data: str) -> None:
+        """Trigger one event on ``channels`` (at most 100) over a fresh connection.
+
+        Raises :class:`PublishRejected` on a 4xx and ``RuntimeError`` on any other
+        non-200 answer.
+        """
+        conn = await self._connect()
+        try:
+            conn, status, body = await self._send(conn, self.build(name, channels, data))
+        finally:
+            if conn.transport is not None:
+                conn.transport.close()
+        self.sent += 1
+        text = body[:300].decode("utf-8", "replace").strip()
+        if 400 <= status < 500:
+            raise PublishRejected(f"HTTP {status} from {self.path}: {text}")
+        if status != 200:
+            raise RuntimeError(f"HTTP {status} from {self.path}: {text}")
+        self.ok += 1
+
     async def run(
         self,
         count: int,
@@ -159,7 +192,7 @@ class Publisher:
         async def lane() -> None:
             nonlocal next_seq
             conn = await self._connect()
-            while next_seq < count:
+            while next_seq < count and self.rejected is None:
                 seq = next_seq
                 next_seq += 1
                 if rate:
@@ -182,12 +215,17 @@ class Publisher:
                 else:
                     self.failed += 1
                     self._err(f"HTTP {status}: {body[:200]!r}")
+                    if 400 <= status < 500 and self.rejected is None:
+                        text = body[:300].decode("utf-8", "replace").strip()
+                        self.rejected = f"HTTP {status} from {self.path}: {text}"
                 if on_progress is not None:
                     on_progress()
             if conn.transport is not None:
                 conn.transport.close()
 
         await asyncio.gather(*(lane() for _ in range(max(1, min(self.inflight, count)))))
+        if self.rejected is not None:
+            raise PublishRejected(self.rejected)
         return time.monotonic() - t0
 
     def _err(self, msg: str) -> None:

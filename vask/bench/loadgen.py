@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import resource
 import time
 from array import array
@@ -84,6 +85,9 @@ class PusherConn(asyncio.Protocol):
         self.roster: list[str] = []
         self.added: list[str] = []
         self.removed: list[str] = []
+        # Set while a reconnect-storm retry loop owns this connection: its loss is
+        # that loop's business (it retries), not a new drop.
+        self.retrying = False
 
     # --- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -95,7 +99,10 @@ class PusherConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Record unexpected closes; fail a pending subscription."""
         self.closed = True
-        if not self.left:
+        if not self.left and self.w.storm is not None:
+            if not self.retrying:
+                self.w.storm.dropped(self)
+        elif not self.left:
             self.w.unexpected_closes += 1
             self.w.note_error(f"connection {self.index} lost (code {self.close_code}): {exc}")
         if not self.ready.done():
@@ -250,6 +257,98 @@ class PusherConn(asyncio.Protocol):
             self.transport.abort()
 
 
+class Storm:
+    """Reconnect-storm bookkeeping of one loadgen process.
+
+    A dropped connection is replaced at once by a new one (same index, channel and
+    user) that connects, waits for ``connection_established`` and resubscribes. A
+    refused TCP connect (the server is not listening yet) is retried after a
+    jittered delay that starts at ``retry_min`` and doubles up to ``retry_max``,
+    so thousands of clients do not spin on a closed port. Any other failure after
+    TCP connected (reset, timeout, upgrade refused, ``pusher:error``, subscription
+    error) is a *failed reconnect*: it is counted and retried the same way.
+    """
+
+    def __init__(self, w: Worker, retry_min: float, retry_max: float, timeout: float) -> None:
+        self.w = w
+        self.retry_min, self.retry_max, self.timeout = retry_min, retry_max, timeout
+        self.drops = 0  # connections lost (the first drop and any later ones)
+        self.redrops = 0  # lost again after having come back
+        self.down: set[int] = set()  # indices not subscribed right now
+        self.ever: set[int] = set()  # indices dropped at least once
+        self.back = 0  # successful resubscriptions
+        self.attempts = 0
+        self.refused = 0  # TCP connect refused (server not listening): expected, retried
+        self.failed = 0  # failed reconnects (anything but refused)
+        self.fail_t: array[int] = array("q")  # when each failed attempt began (µs)
+        self.first_drop_t = 0
+        self.last_back_t = 0
+        self.errors: list[str] = []
+        self._tasks: set[asyncio.Future[None]] = set()  # the running reconnect loops
+
+    def dropped(self, conn: PusherConn) -> None:
+        """A subscribed connection was lost: start its reconnect loop."""
+        self.drops += 1
+        if conn.index in self.ever:
+            self.redrops += 1
+        if not self.first_drop_t:
+            self.first_drop_t = now_us()
+        self.down.add(conn.index)
+        self.ever.add(conn.index)
+        task = asyncio.ensure_future(self._reconnect(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconnect(self, old: PusherConn) -> None:
+        w = self.w
+        loop = asyncio.get_running_loop()
+        delay = self.retry_min
+        while w.storm is self:
+            conn = PusherConn(w, old.index, old.channel, old.user_id)
+            conn.retrying = True
+            self.attempts += 1
+            t_attempt = now_us()
+
+            def factory(c: PusherConn = conn) -> PusherConn:
+                return c
+
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(factory, w.host, w.port,
+                                           local_addr=w.source(old.index)), self.timeout)
+                await asyncio.wait_for(asyncio.shield(conn.ready), self.timeout)
+            except ConnectionRefusedError:
+                self.refused += 1
+            except (OSError, TimeoutError, RuntimeError, ConnectionError) as e:
+                self.failed += 1
+                self.fail_t.append(t_attempt)
+                if len(self.errors) < 10:
+                    self.errors.append(f"reconnect {old.index}: {e!r}")
+                conn.abort()
+            else:
+                conn.retrying = False
+                try:
+                    w.conns[w.conns.index(old)] = conn
+                except ValueError:
+                    w.conns.append(conn)
+                self.down.discard(old.index)
+                self.back += 1
+                self.last_back_t = now_us()
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.retry_max)
+
+    def status(self) -> dict[str, Any]:
+        """Counters for the parent (JSON-friendly)."""
+        return {
+            "drops": self.drops, "redrops": self.redrops, "down": len(self.down),
+            "ever": len(self.ever), "back": self.back, "attempts": self.attempts,
+            "refused": self.refused, "failed": self.failed,
+            "first_drop_t": self.first_drop_t, "last_back_t": self.last_back_t,
+            "errors": list(self.errors),
+        }
+
+
 def _maybe_json(data: Any) -> dict[str, Any]:
     """Pusher double-encodes ``data`` (a JSON string); some servers send an object."""
     if isinstance(data, (str, bytes)):
@@ -272,6 +371,9 @@ class Worker:
         #: one client TLS context for all of this process's connections (None: plain)
         self.tls = client_tls(cfg.get("tls", False), cfg.get("tls_ca", ""))
         self.path = f"/app/{self.key}?protocol=7&client=js&version=8.4.0&flash=false"
+        #: loopback source addresses 127.0.0.1..N: one address has only ~28 000 ephemeral
+        #: ports towards one server port, so 40 000 connections need several
+        self.sources: int = cfg.get("sources", 1)
         self.conns: list[PusherConn] = []
         self.lat: array[int] = array("q")
         self.deliveries = 0
@@ -286,6 +388,13 @@ class Worker:
         self.join_last_t = 0
         self.leave_last_t = 0
         self.done = asyncio.get_running_loop().create_future()
+        self.storm: Storm | None = None
+
+    def source(self, index: int) -> tuple[str, int] | None:
+        """The local address for connection ``index`` (None: the kernel's choice)."""
+        if self.sources <= 1:
+            return None
+        return (f"127.0.0.{1 + index % self.sources}", 0)
 
     def note_error(self, msg: str) -> None:
         """Count an error; keep the first few messages for the report."""
@@ -326,13 +435,14 @@ class Worker:
         timeout: float = args.get("timeout", 30.0)
         sem = asyncio.Semaphore(args.get("concurrency", 200))
         self.expect_members = args.get("members", -1)
+        groups: int = args.get("groups", 1)  # {g} in the channel is index % groups
         ok = 0
         failed = 0
         t_begin = now_us()
 
         async def one(i: int) -> None:
             nonlocal ok, failed
-            ch = channel_t.replace("{i}", str(i))
+            ch = channel_t.replace("{i}", str(i)).replace("{g}", str(i % groups))
             uid = f"u{i}" if ch.startswith("presence-") else None
             conn = PusherConn(self, i, ch, uid)
             async with sem:
@@ -340,7 +450,8 @@ class Worker:
                     await asyncio.wait_for(
                         loop.create_connection(
                             lambda: conn, self.host, self.port, ssl=self.tls,
-                            server_hostname=self.host if self.tls is not None else None),
+                            server_hostname=self.host if self.tls is not None else None,
+                            local_addr=self.source(i)),
                         timeout
                     )
                     self.conns.append(conn)
@@ -353,6 +464,28 @@ class Worker:
 
         await asyncio.gather(*(one(i) for i in range(start, start + count)))
         return {"ok": ok, "failed": failed, "t_begin": t_begin, "t_end": now_us()}
+
+    async def cmd_storm_arm(self, args: dict[str, Any]) -> None:
+        """From now on a dropped connection reconnects and resubscribes (reconnect storm)."""
+        self.storm = Storm(self, args["retry_min"], args["retry_max"], args["timeout"])
+
+    async def cmd_storm_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Reconnect-storm counters (see :class:`Storm`)."""
+        assert self.storm is not None
+        return self.storm.status()
+
+    async def cmd_storm_disarm(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Stop reconnecting; later drops count as unexpected closes again.
+
+        ``listen_t`` (µs): failures of attempts begun from then on are reported as
+        ``failed_after_listen``.
+        """
+        st = self.storm
+        self.storm = None
+        if st is None:
+            return {}
+        since = args.get("listen_t", 0)
+        return {**st.status(), "failed_after_listen": sum(1 for t in st.fail_t if t >= since)}
 
     async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         """Progress counters; optionally presence progress against expectations."""

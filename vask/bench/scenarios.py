@@ -21,6 +21,7 @@ from vask.bench.pool import WorkerPool, split_counts
 from vask.bench.report import Meter, Progress
 from vask.bench.server import ManagedServer
 from vask.bench.stats import latency_summary_us, safe_div
+from vask.config import DEFAULT_APP_ID
 
 MAX_CONNS_PER_PROC = 5000  # 20 000 open files per process; leave ample headroom
 
@@ -31,7 +32,7 @@ class Target:
 
     host: str = "127.0.0.1"
     port: int = 6001
-    app_id: str = "app-id"
+    app_id: str = DEFAULT_APP_ID
     key: str = "app-key"
     secret: str = "app-secret"
     server_cmd: str | None = None
@@ -53,6 +54,8 @@ class Common:
     connect_timeout: float = 30.0
     drain_timeout: float = 10.0
     progress: bool = True
+    #: loopback source addresses for the clients (127.0.0.1..N); 1 = the kernel's choice
+    sources: int = 1
 
 
 def default_procs(conns: int, requested: int | None) -> int:
@@ -87,7 +90,8 @@ class Session:
             self.t.port = self.server.port
             self.server_root = self.server.pid
         cfg = {"host": self.t.host, "port": self.t.port, "key": self.t.key, "secret": self.t.secret,
-               "tls": self.t.tls, "tls_ca": self.t.tls_ca}
+               "tls": self.t.tls, "tls_ca": self.t.tls_ca,
+               "sources": self.c.sources}
         self.pool = WorkerPool(self.nprocs, cfg)
         await self.pool.start()
         return self
@@ -120,7 +124,7 @@ class Session:
         return f"{self.t.host}:{self.t.port}{pid}"
 
     async def connect(
-        self, total: int, channel: str, members: int = -1
+        self, total: int, channel: str, members: int = -1, groups: int = 1
     ) -> tuple[int, int, float, list[str]]:
         """Open ``total`` subscribed connections spread over the workers.
 
@@ -136,6 +140,7 @@ class Session:
                 "concurrency": self.c.connect_concurrency,
                 "timeout": self.c.connect_timeout,
                 "members": members,
+                "groups": groups,
             }
             for i in range(self.nprocs)
         ]
@@ -183,6 +188,11 @@ class Session:
                 last_have, last_change = have, now
             self.progress(f"{label}: {have:,}/{want:,} ({safe_div(have, want):.1%})")
             bg_done = bg is None or bg.done()
+            if bg is not None and bg.done() and not bg.cancelled() and bg.exception():
+                # e.g. the publisher got a 4xx: nothing more is coming, say why now.
+                self.progress(f"{label}: stopped at {have:,}/{want:,}: {bg.exception()}",
+                              force=True)
+                return False
             if bg_done and have >= want:
                 self.progress(f"{label}: {have:,}/{want:,} done", force=True)
                 return True
@@ -297,6 +307,10 @@ async def run_fanout(
             background=pub_task,
         )
         win = meter.end()
+        if pub_task.exception() is not None:
+            _fail(out, f"publishing stopped: {pub_task.exception()}")
+            out["errors"] = pub.errors
+            return out
         pub_elapsed = pub_task.result()
         r = await s.results()
         window_s = (r["last_t"] - t_pub0) / 1e6 if r["last_t"] else math.nan
@@ -396,6 +410,8 @@ async def run_presence(
         out = _base("presence", {"members": members, "channel": channel}, s)
         m = out["metrics"]
         meter = s.meter()
+        rss0 = meter.memory()
+        peak = _PeakRss(meter)
         meter.begin()
         t0_us = time.monotonic_ns() // 1000
         ok, failed, took, errs = await s.connect(members, channel, members)
@@ -434,6 +450,10 @@ async def run_presence(
         out["resources"]["leave"] = meter.end().as_dict()
         # Give late duplicates a chance to show up before verifying exactness.
         await asyncio.sleep(0.5)
+        peak_kib = await peak.stop()
+        if rss0 is not None and peak_kib:
+            m["server_rss_mib_before"] = rss0[0] / 1024
+            m["server_rss_mib_peak"] = peak_kib / 1024
         r = await s.results(
             {
                 "all_ids": [f"u{i}" for i in range(members)],
@@ -453,6 +473,31 @@ async def run_presence(
         if r["unexpected_closes"]:
             _fail(out, f"{r['unexpected_closes']} connections closed unexpectedly")
         return out
+
+
+class _PeakRss:
+    """Samples the server tree's RSS every 0.2 s until stopped; keeps the largest."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.peak = 0
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            mem = await asyncio.to_thread(self.meter.memory)
+            if mem is None:
+                return
+            self.peak = max(self.peak, mem[0])
+            await asyncio.sleep(0.2)
+
+    async def stop(self) -> int:
+        """Stop sampling (after one last sample); the peak RSS in KiB (0: unknown)."""
+        self.task.cancel()
+        mem = self.meter.memory()
+        if mem is not None:
+            self.peak = max(self.peak, mem[0])
+        return self.peak
 
 
 async def run_client_events(

@@ -83,6 +83,19 @@ def wait_for_port(
     raise RuntimeError(f"server did not listen on {host}:{port} within {timeout:.0f}s")
 
 
+def listening_ports() -> set[int]:
+    """TCP ports with a socket in LISTEN state on this host (from /proc/net/tcp, tcp6)."""
+    ports: set[int] = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(name, encoding="ascii") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -117,6 +130,16 @@ class ManagedServer:
 
     def start(self) -> None:
         """Start the command and wait until its port accepts connections."""
+        self.launch()
+        try:
+            wait_for_port(self.host, self.port, self.startup_timeout, self.proc)
+        except Exception:
+            self.stop()
+            raise
+        self.remember_tree()
+
+    def launch(self) -> None:
+        """Start the command (same ports as before) without waiting for it to listen."""
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             ["/bin/sh", "-c", self.cmd],
@@ -127,12 +150,33 @@ class ManagedServer:
         )
         if self.log_path and not isinstance(out, int):
             out.close()
-        try:
-            wait_for_port(self.host, self.port, self.startup_timeout, self.proc)
-        except Exception:
-            self.stop()
-            raise
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree at once, as a crash would: every connection drops.
+
+        Used by the reconnect-storm scenario, which then has :meth:`launch` start the same
+        command on the same ports. Waits until every known process is gone, so the
+        port is free for the restart.
+        """
+        if self.proc is None:
+            return
         self.remember_tree()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in self._alive_known():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self._alive_known():
+            time.sleep(0.01)
+        # The listening socket can outlive its process for a moment (e.g. while an
+        # io_uring instance releases its file references); a restart must not start
+        # before it is gone, or the probe for "listening again" would hit the old one.
+        while time.monotonic() < deadline and self.port in listening_ports():
+            time.sleep(0.005)
+        self._known.clear()
+        self.proc = None
 
     def remember_tree(self) -> None:
         """Record the current tree so escaped descendants can still be killed by PID."""

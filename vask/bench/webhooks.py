@@ -492,6 +492,8 @@ async def _fanout(s: Session, target: Target, p: WebhookParams, events: int, lab
     complete = await s.wait_for(
         label, lambda st: (sum(x["deliveries"] for x in st), expected), background=task)
     win = meter.end()
+    # A 4xx stopped the publisher (PublishRejected): its message leads the errors.
+    stopped = [str(task.exception())] if task.done() and task.exception() else []
     r = await s.results()
     window_s = (r["last_t"] - t0) / 1e6 if r["last_t"] else math.nan
     return {
@@ -502,7 +504,7 @@ async def _fanout(s: Session, target: Target, p: WebhookParams, events: int, lab
         "server_cpu_s_per_million": safe_div(win.server_cpu, r["deliveries"]) * 1e6,
         "http_failed": pub.failed,
         "exact": complete and r["deliveries"] == expected and not pub.failed,
-        "errors": pub.errors + r["errors"],
+        "errors": stopped + pub.errors + r["errors"],
         "resources": win.as_dict(),
     }
 
