@@ -179,7 +179,3 @@ class WebhookLink:
                 # Gone or full: the events stay unacknowledged and go again after the
                 # next hello or when the resend timer fires.
                 return
-
-    @property
-    def waiting(self) -> int:
-        return len(self.unacked)

@@ -178,7 +178,7 @@ def test_events_wait_for_a_sender_then_go_numbered_until_acknowledged(
     hooks, sender = link
     hooks.add([("1", 5, {"name": "channel_occupied", "channel": "a"})], now=0.0)
     hooks.flush(0.0)  # nobody to send to: kept
-    assert hooks.waiting == 1
+    assert len(hooks.unacked) == 1
     sender.send(b'{"t":"hello"}')
     _pump(hooks, 0.1)
     assert _received(sender) == [[1, "1", 5, {"name": "channel_occupied", "channel": "a"}]]

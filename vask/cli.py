@@ -28,6 +28,12 @@ def _load(config: str | None, overrides: dict[str, Any]) -> Settings:
         sys.exit(2)
 
 
+#: shared by `vask run` and `vask broker`
+_LOG_FORMAT = click.option(
+    "--log-format", envvar="VASK_LOG_FORMAT", default=None, type=click.Choice(["text", "json"]),
+    help="text (default) or json: one JSON object per line. [env: VASK_LOG_FORMAT]")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vask")
 def main() -> None:
@@ -69,9 +75,7 @@ def main() -> None:
                                  "port (needs --tls-key). [env: VASK_TLS_CERT]")
 @click.option("--tls-key", envvar="VASK_TLS_KEY", type=click.Path(dir_okay=False),
               default=None, help="PEM private key of --tls-cert. [env: VASK_TLS_KEY]")
-@click.option("--log-format", envvar="VASK_LOG_FORMAT", default=None,
-              type=click.Choice(["text", "json"]),
-              help="text (default) or json: one JSON object per line. [env: VASK_LOG_FORMAT]")
+@_LOG_FORMAT
 @click.option("--broker-public-key", envvar="VASK_BROKER_PUBLIC_KEY", default=None,
               type=click.Path(dir_okay=False),
               help="The broker's public key file (broker.key from `vask keys`). "
@@ -157,8 +161,7 @@ def _check_link(settings: Settings, role: str, endpoints: str) -> list[str]:
 @click.option("--metrics-port", envvar="VASK_METRICS_PORT", type=int, default=None,
               help="Port of the cluster's Prometheus /metrics listener (default 9601); "
                    "0 turns it off. [env: VASK_METRICS_PORT]")
-@click.option("--log-format", envvar="VASK_LOG_FORMAT", default=None,
-              type=click.Choice(["text", "json"]))
+@_LOG_FORMAT
 @click.option("--curve-secret-key", envvar="VASK_CURVE_SECRET_KEY", default=None,
               type=click.Path(dir_okay=False),
               help="The broker's secret key file (broker.key_secret from `vask keys`). "

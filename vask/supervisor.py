@@ -298,11 +298,7 @@ class Supervisor:
             log.info("reload: the configuration is unchanged; workers re-read the TLS "
                      "certificate")
             write_settings_file(self.settings_path, new)
-            for child in self.children:
-                if child.role == "worker" and child.process is not None \
-                        and child.process.pid and child.process.is_alive():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.process.pid, signal.SIGHUP)
+            self._hup(("worker",))
             return
         for line in changes:
             log.info("reload: %s", line)
@@ -310,8 +306,15 @@ class Supervisor:
         logging.getLogger().setLevel(new.log_level.upper())
         write_settings_file(self.settings_path, new)
         self._reload_sender(old, new)
-        processes = [c.process for c in self.children if c.process is not None]
-        if self.incoming is not None and self.incoming.process is not None:
+        self._hup(("broker", "worker", "webhooks"))
+
+    def _hup(self, roles: tuple[str, ...]) -> None:
+        """SIGHUP to the running children of ``roles`` (a worker being started by a
+        rolling restart counts as a worker): they read the settings file again."""
+        processes = [c.process for c in self.children
+                     if c.role in roles and c.process is not None]
+        if "worker" in roles and self.incoming is not None \
+                and self.incoming.process is not None:
             processes.append(self.incoming.process)
         for process in processes:
             if process.pid and process.is_alive():
