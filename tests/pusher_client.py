@@ -110,9 +110,12 @@ class PusherClient:
             data["auth"] = f"{self.key}:{sign(self.secret, signed)}"
         if channel_data is not None:
             data["channel_data"] = channel_data
+        # Only an answer to this request: a retry after a refusal must not be handed
+        # the earlier refusal again.
+        start = len(self.frames)
         await self.send({"event": "pusher:subscribe", "data": data})
         return await self.wait(lambda f: f.get("channel") == channel and f.get("event") in
-                               (expect, "pusher:subscription_error"))
+                               (expect, "pusher:subscription_error"), start=start)
 
     async def signin(self, user_data: dict[str, Any]) -> Frame:
         text = json.dumps(user_data)
