@@ -239,7 +239,12 @@ def test_the_cluster_serves_while_a_peer_floods_the_broker(server: Server) -> No
         peer.close()
     assert broker_pid(server) == pid
     asyncio.run(publish_reaches_a_subscriber(server, "after-flood"))
-    assert "stopped heartbeating" not in server.log()
+    # No real worker was purged for silence while the broker handled the flood. (The
+    # fake peers of the tests before, which vanish without a goodbye, are purged that
+    # way, possibly during this test: they are not what it is about.)
+    purged = [line for line in server.log().splitlines()
+              if "stopped heartbeating" in line and "attacker:" not in line]
+    assert not purged, purged
 
 
 def test_the_endpoint_helper_finds_the_supervisors_socket(server: Server) -> None:
