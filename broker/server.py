@@ -333,7 +333,8 @@ class Broker:
         self.resynced.clear()
 
     def _send_boxes(self, boxes: dict[bytes, list[list[bytes]]]) -> bool:
-        """Send each box as one ZeroMQ message; True if a worker's queue was full."""
+        """Send each box as one ZeroMQ message; True if a known worker's batch could not
+        be queued (its queue was full, or ZeroMQ had no route to it)."""
         router = self.router
         now = time.monotonic()
         workers = self.state.workers
@@ -354,6 +355,9 @@ class Broker:
                 self.send_log(now, "dropping %d messages to worker %s: its queue is full",
                               len(box), _peer(identity))
             except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone
+                # ZeroMQ also says so for a known worker whose connection is being torn
+                # down or replaced: what this flush acknowledges may not reach it either.
+                full = full or seq > 0
                 self.send_log(now, "dropping %d messages to unreachable worker %s: %s",
                               len(box), _peer(identity), exc.strerror)
         return full

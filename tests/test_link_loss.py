@@ -177,3 +177,39 @@ def test_a_worker_whose_prefix_is_taken_picks_another_and_says_hello_again() -> 
             assert hellos and hellos[-1].prefix == link.prefix
 
     asyncio.run(go())
+
+
+def test_an_unroutable_batch_to_a_known_worker_refuses_the_flush_acknowledgements(
+        broker: Broker, monkeypatch: Any) -> None:
+    """ZeroMQ answers EHOSTUNREACH for a known worker whose connection is being torn
+    down or replaced: an event routed to it in the same flush is refused (503), not
+    acknowledged, as when its queue is full."""
+    from vask.broker import server
+    from vask.envelope import Reply
+
+    worker: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    worker.setsockopt(zmq.IDENTITY, b"w")
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.connect(broker.endpoint)
+    broker.state.expected_workers = 1
+    try:
+        worker.send_multipart(numbered(1, Hello(ENVELOPE_VERSION, "w", 1, 100, 1), Synced(1)))
+        assert Recovered(broker.epoch) in turns(broker, worker)
+        real = server.send_frames
+
+        def unroutable(sock: Any, frames: list[bytes], flags: int) -> None:
+            if frames[0] == b"w":
+                raise zmq.ZMQError(zmq.EHOSTUNREACH)
+            real(sock, frames, flags)
+
+        publisher = b"publisher"
+        monkeypatch.setattr(server, "send_frames", unroutable)
+        broker.send([(b"w", Heartbeat(broker.epoch))])
+        broker.acks.append((publisher, Reply(7, {"ok": True}), (b"w",)))
+        answers: list[tuple[bytes, Verb]] = []
+        monkeypatch.setattr(broker, "send", lambda out: answers.extend(out))
+        broker.flush()
+        assert [(who, reply.rid, reply.body["ok"]) for who, reply in answers
+                if isinstance(reply, Reply)] == [(publisher, 7, False)]
+    finally:
+        worker.close(linger=0)
