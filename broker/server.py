@@ -36,12 +36,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from vask import curve, envelope
-from vask.broker.admin import AdminServer
 from vask.broker.backpressure import Backpressure
 from vask.broker.metrics import ClusterTotals, MetricsServer, cluster_snapshot
 from vask.broker.state import ClusterState, Out
@@ -71,6 +71,10 @@ from vask.envelope import (
 from vask.process import die_with_parent
 from vask.reload import read_settings_file
 from vask.zmqsend import send_frames
+
+if TYPE_CHECKING:
+    # aiohttp (about 10 MiB per process) is loaded only by a broker serving the dashboard
+    from vask.broker.admin import AdminServer
 
 log = logging.getLogger("vask.broker")
 
@@ -720,6 +724,8 @@ def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
              ", CURVE" if broker.auth is not None else "")
     if settings.metrics_port and settings.admin_token:
         # One listener for /metrics and the dashboard (docs/dashboard.md)
+        from vask.broker.admin import AdminServer
+
         broker.metrics = MetricsServer()
         broker.admin = AdminServer(settings, broker.metrics)
         if not broker.admin.start(settings.metrics_host, settings.metrics_port):

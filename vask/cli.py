@@ -11,8 +11,6 @@ from typing import Any
 import click
 
 from vask import __version__
-from vask.bench.broker import broker_bench
-from vask.bench.cli import bench
 from vask.config import ConfigError, Settings, load_settings, wants_webhooks, warnings_for
 from vask.logs import setup_logging
 from vask.process import set_process_name
@@ -34,7 +32,26 @@ _LOG_FORMAT = click.option(
     help="text (default) or json: one JSON object per line. [env: VASK_LOG_FORMAT]")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """``vask``'s commands, with ``vask bench`` loaded only when asked for: the server's
+    processes are forked from this one, and each would otherwise carry the benchmark
+    harness (and what it imports) in its memory."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "bench"])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "bench":
+            from vask.bench.broker import broker_bench
+            from vask.bench.cli import bench
+
+            if "broker" not in bench.commands:
+                bench.add_command(broker_bench)
+            return bench
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vask")
 def main() -> None:
     """Vask: a self-hosted realtime server speaking the Pusher Channels protocol.
@@ -294,9 +311,6 @@ def keys_command(folder: str, workers: tuple[str, ...]) -> None:
     if not written:
         click.echo("vask: every key pair already exists; nothing written", err=True)
 
-
-main.add_command(bench)
-bench.add_command(broker_bench)
 
 
 if __name__ == "__main__":
