@@ -82,7 +82,6 @@ class WorkerInfo:
     epoch: int
     prefix: int
     last_seen: float
-    sockets: set[tuple[str, str]] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -105,12 +104,31 @@ class SocketInfo:
 
 @dataclass(slots=True)
 class ChannelState:
-    #: worker identity -> number of its connections subscribed
-    per_worker: dict[bytes, int] = field(default_factory=dict)
+    #: the workers with subscribers, each followed by its number of subscribed
+    #: connections: ``[identity, n, identity, n, ...]``. A flat list, not a dict: there
+    #: is one per channel, most channels (a user's private channel) live on one or two
+    #: workers, and a list of two costs 72 bytes against a dict's 184; a lookup scans at
+    #: most one entry per worker. Identities are bytes and counts ints, so
+    #: ``list.index(identity)`` never matches a count.
+    workers: list[bytes | int] = field(default_factory=list)
     count: int = 0
     #: presence only: user id -> {socket_id: user_info}
     members: dict[str, dict[str, Any]] | None = None
     last_count_sent: float = 0.0
+
+    @property
+    def per_worker(self) -> dict[bytes, int]:
+        """Worker identity -> its subscribed connections (a copy, for reading)."""
+        w = self.workers
+        return {w[i]: w[i + 1] for i in range(0, len(w), 2)}  # type: ignore[misc]
+
+    def on_worker(self, identity: bytes) -> int:
+        """How many of ``identity``'s connections are subscribed."""
+        w = self.workers
+        try:
+            return w[w.index(identity) + 1]  # type: ignore[return-value]
+        except ValueError:
+            return 0
 
 
 @dataclass(slots=True)
@@ -161,6 +179,10 @@ class ClusterState:
     def set_apps(self, apps: Iterable[App]) -> None:
         """The apps (at start, and again on a reload)."""
         self.apps = {app.id: app for app in apps}
+        #: each app id to one string object: the keys of the connections and channels
+        #: share it instead of holding the copy each decoded message brings (~50 bytes
+        #: per connection and per channel)
+        self.app_ids = {app.id: app.id for app in self.apps.values()}
         self.hook_events = {
             app.id: frozenset(name for hook in app.webhooks for name in hook.event_types)
             for app in self.apps.values()}
@@ -260,7 +282,10 @@ class ClusterState:
         if worker is None:
             return []
         out: Out = []
-        for app_id, socket_id in list(worker.sockets):
+        # A scan of every connection: a purge is rare (a worker died, resynced or said
+        # goodbye), and an index per worker would cost memory for every connection.
+        for app_id, socket_id in [key for key, info in self.sockets.items()
+                                  if info.worker == identity]:
             out += self._close_socket(app_id, socket_id)
         del self.workers[identity]
         self.syncing.discard(identity)
@@ -299,9 +324,6 @@ class ClusterState:
         if info.user_id is not None:
             out += self._sign_out(app_id, socket_id, info)
         self.connections[app_id] -= 1
-        worker = self.workers.get(info.worker)
-        if worker is not None:
-            worker.sockets.discard((app_id, socket_id))
         return out
 
     # --- subscriptions ------------------------------------------------------------
@@ -313,12 +335,11 @@ class ClusterState:
         key = (app_id, socket_id)
         info = self.sockets.get(key)
         if info is None:
-            worker = self.workers.get(identity)
-            if worker is None:
+            if identity not in self.workers:
                 return None
-            info = self.sockets[key] = SocketInfo(identity)
+            info = self.sockets[(self.app_ids.get(app_id, app_id), socket_id)] = \
+                SocketInfo(identity)
             self.connections[app_id] += 1
-            worker.sockets.add(key)
         elif info.worker != identity:
             return None
         return info
@@ -389,9 +410,13 @@ class ClusterState:
         """Add the connection to a channel it is not in yet (the callers check)."""
         state = self.channels.get(key)
         if state is None:
-            state = self.channels[key] = ChannelState()
+            state = self.channels[(self.app_ids.get(key[0], key[0]), key[1])] = ChannelState()
         info.channels[key[1]] = user_id
-        state.per_worker[identity] = state.per_worker.get(identity, 0) + 1
+        workers = state.workers
+        try:
+            workers[workers.index(identity) + 1] += 1  # type: ignore[operator]
+        except ValueError:
+            workers += (identity, 1)
         state.count += 1
         if state.count == 1 and not key[1].startswith("#") and not self._quiet(identity):
             self._webhook(key[0], {"name": "channel_occupied", "channel": key[1]})
@@ -414,11 +439,16 @@ class ClusterState:
         if state is None:
             return []
         out: Out = []
-        left = state.per_worker.get(worker, 0) - 1
-        if left > 0:
-            state.per_worker[worker] = left
+        workers = state.workers
+        try:
+            at = workers.index(worker)
+        except ValueError:
+            pass
         else:
-            state.per_worker.pop(worker, None)
+            if workers[at + 1] == 1:
+                del workers[at:at + 2]
+            else:
+                workers[at + 1] -= 1  # type: ignore[operator]
         state.count -= 1
         members = state.members
         connections = members.get(user_id) if user_id is not None and members else None
@@ -557,10 +587,10 @@ class ClusterState:
         if exclude:
             # Do not wake a worker whose only subscriber is the excluded connection.
             info = self.sockets.get((app_id, exclude))
-            if info is not None and state.per_worker.get(info.worker) == 1 \
+            if info is not None and state.on_worker(info.worker) == 1 \
                     and channel in info.channels:
                 skip = info.worker
-        return [(worker, message) for worker in state.per_worker
+        return [(worker, message) for worker in state.workers[::2]  # type: ignore[misc]
                 if worker != skip and worker != origin]
 
     # --- subscription counts ------------------------------------------------------

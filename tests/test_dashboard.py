@@ -227,7 +227,7 @@ def test_overview_sample_per_app_and_per_worker(broker: Broker) -> None:
     broker.totals.update(b"w1", snapshot)
     broker.restarts_by_slot["1"] = 2
     broker.state.channels[("1", "presence-a")] = ChannelState(
-        {b"w1": 2}, 2, {"u1": {"1.1": {}}, "u2": {"1.2": {}}})
+        [b"w1", 2], 2, {"u1": {"1.1": {}}, "u2": {"1.2": {}}})
     admin.broker_turn(broker, time.monotonic())
     assert loop.calls == []  # no page connected: no sample (each walks every channel)
     admin.watching = True
@@ -246,9 +246,9 @@ def test_overview_sample_per_app_and_per_worker(broker: Broker) -> None:
 def test_channel_pages_are_bounded_sorted_and_by_prefix(broker: Broker) -> None:
     channels = broker.state.channels
     for name in ("b", "a", "presence-z", "presence-y", "c", "#server-to-user-1"):
-        channels[("1", name)] = ChannelState({b"w": 1}, 1,
+        channels[("1", name)] = ChannelState([b"w", 1], 1,
                                              {"u": {}} if name.startswith("presence") else None)
-    channels[("2", "a-other-app")] = ChannelState({b"w": 1}, 1)
+    channels[("2", "a-other-app")] = ChannelState([b"w", 1], 1)
     page = channel_page(broker, "1", "", 2)
     assert page == {"matched": 5, "channels": [{"name": "a", "subscriptions": 1},
                                                {"name": "b", "subscriptions": 1}]}

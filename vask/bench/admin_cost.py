@@ -39,7 +39,7 @@ def main() -> None:
     try:
         for i in range(args.channels):
             broker.state.channels[("1", f"chan-{i}")] = ChannelState(
-                {b"w": 1}, 1, {"u": {"1.1": {}}} if i % 10 == 0 else None)
+                [b"w", 1], 1, {"u": {"1.1": {}}} if i % 10 == 0 else None)
         narrow = f"chan-{args.channels // 10 - 1}"
         print(f"{args.channels} channels, best of {args.repeat}:")
         sample = best_ms(lambda: overview_sample(broker, cluster_snapshot(broker)), args.repeat)
