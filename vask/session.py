@@ -144,6 +144,11 @@ def _user_id(value: Any) -> str | None:
     return None
 
 
+#: the watchlist of every connection that has none; never mutated (a sign-in assigns a
+#: new list), so one object serves them all instead of an empty list per connection
+_NO_WATCHLIST: list[str] = []
+
+
 class PusherSession:
     """The Pusher-level state of one connection and the rules that change it."""
 
@@ -176,7 +181,8 @@ class PusherSession:
         self.user_id: str | None = None
         self.user_info: Any = None
         self.user_data: str | None = None
-        self.watchlist: list[str] = []
+        #: shared while empty (most connections never sign in): only ever replaced
+        self.watchlist: list[str] = _NO_WATCHLIST
         #: presence channel -> [user_id, user_info] (kept to replay to a restarted broker)
         self.members: dict[str, list[Any]] | None = None
         #: True once signed in or subscribed to a private/presence channel
