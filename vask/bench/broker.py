@@ -112,6 +112,29 @@ def _broker_main(settings: Settings, endpoint: str) -> None:
     serve(settings, endpoint)
 
 
+def _wait_bound(endpoint: str, deadline: float) -> None:
+    """Wait until the broker listens on ``endpoint``. The fake workers connect only then:
+    a connection attempted before the bind can be torn down and made again by ZeroMQ
+    right after the broker has read the first message on it, and what the broker sends
+    on the torn-down one is lost ("Host unreachable"). A real worker sees the gap in
+    the numbering and resyncs; the fake ones would wait for it forever."""
+    import socket
+
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX if endpoint.startswith("ipc://")
+                           else socket.AF_INET) as probe:
+            try:
+                if endpoint.startswith("ipc://"):
+                    probe.connect(endpoint.removeprefix("ipc://"))
+                else:
+                    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+                    probe.connect((host, int(port)))
+                return
+            except OSError:
+                time.sleep(0.02)
+    raise click.ClickException(f"the broker did not listen on {endpoint} in time")
+
+
 def _rss_kib(pid: int | None) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -182,6 +205,7 @@ def run(workers: int, count: int, endpoint_kind: str, use_curve: bool,
     process = multiprocessing.get_context("fork").Process(
         target=_broker_main, args=(settings, endpoint), daemon=True)
     process.start()
+    _wait_bound(endpoint, time.monotonic() + 20)
     context: zmq.Context[Any] = zmq.Context()
     fakes = [FakeWorker(context, endpoint, i, curve_keys) for i in range(workers)]
     out: dict[str, Any] = {"workers": workers, "messages": count, "endpoint": endpoint_kind
