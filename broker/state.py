@@ -413,9 +413,9 @@ class ClusterState:
             state = self.channels[(self.app_ids.get(key[0], key[0]), key[1])] = ChannelState()
         info.channels[key[1]] = user_id
         workers = state.workers
-        try:
+        if identity in workers:
             workers[workers.index(identity) + 1] += 1  # type: ignore[operator]
-        except ValueError:
+        else:  # (a new channel, the common case: no exception raised for it)
             workers += (identity, 1)
         state.count += 1
         if state.count == 1 and not key[1].startswith("#") and not self._quiet(identity):

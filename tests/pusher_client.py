@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -128,6 +129,20 @@ class PusherClient:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(), 5)
         self._reader.cancel()
+
+
+async def join_presence(client: PusherClient, channel: str, user: str,
+                        deadline: float) -> None:
+    """Join presence ``channel`` as ``user``, retrying every 0.2 s while the cluster
+    refuses (a 503 while it recovers from a broker restart or move) until the monotonic
+    ``deadline``; an assertion error names the last answer."""
+    data = json.dumps({"user_id": user, "user_info": {"name": user}})
+    while True:
+        frame = await client.subscribe(channel, data)
+        if frame["event"] == "pusher_internal:subscription_succeeded":
+            return
+        assert time.monotonic() < deadline, f"{user} could not join: {frame}"
+        await asyncio.sleep(0.2)
 
 
 async def connect_many(url: str, count: int, **kwargs: Any) -> list[PusherClient]:

@@ -125,9 +125,7 @@ def secure_server(sock: zmq.Socket[Any], settings: Settings) -> bool:
     """Make ``sock`` a CURVE server if the broker's keys are configured."""
     if not (settings.curve_secret_key and settings.authorized_keys_dir):
         return False
-    public, secret = _load(settings.curve_secret_key, "server.curve_secret_key", True)
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
+    _own_keys(sock, settings)
     sock.curve_server = True
     return True
 
@@ -136,12 +134,17 @@ def secure_client(sock: zmq.Socket[Any], settings: Settings) -> bool:
     """Make ``sock`` a CURVE client of the broker if a worker's keys are configured."""
     if not (settings.curve_secret_key and settings.broker_public_key):
         return False
+    _own_keys(sock, settings)
+    sock.curve_serverkey = _load(settings.broker_public_key, "server.broker_public_key",
+                                 False)[0]
+    return True
+
+
+def _own_keys(sock: zmq.Socket[Any], settings: Settings) -> None:
+    """Give ``sock`` this host's key pair (``curve_secret_key``)."""
     public, secret = _load(settings.curve_secret_key, "server.curve_secret_key", True)
-    server, _ = _load(settings.broker_public_key, "server.broker_public_key", False)
     sock.curve_secretkey = secret
     sock.curve_publickey = public
-    sock.curve_serverkey = server
-    return True
 
 
 def start_authenticator(context: zmq.Context[Any], settings: Settings) -> ThreadAuthenticator:

@@ -28,9 +28,10 @@ SERVER_CMD = os.environ.get(
 APP_ID = os.environ.get("VASK_BENCH_SMOKE_APP_ID", "1")
 
 
-def run_bench(*args: str, app_id: str | None = APP_ID) -> dict[str, Any]:
+def run_bench(*args: str, app_id: str | None = APP_ID,
+              server_cmd: str = SERVER_CMD) -> dict[str, Any]:
     ids = ["--app-id", app_id] if app_id is not None else []
-    argv = [sys.executable, "-m", "vask.bench", *args, "--server-cmd", SERVER_CMD,
+    argv = [sys.executable, "-m", "vask.bench", *args, "--server-cmd", server_cmd,
             *ids, "--startup-timeout", "10", "--drain-timeout", "3",
             "--connect-timeout", "5", "--json", "--quiet"]
     proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
@@ -110,15 +111,10 @@ def test_smoke_storm_restart() -> None:
 @pytest.mark.timeout(120)
 def test_smoke_storm_rolling_restart_signal() -> None:
     """Vask's rolling restart (SIGUSR2 to the supervisor) drops every client with 4200."""
-    global SERVER_CMD
-    saved = SERVER_CMD
-    # Two workers, so clients have somewhere to go; a short drain window for the test.
-    SERVER_CMD = saved.replace("--workers 1", "--workers 2")
-    try:
-        r = run_bench("storm", "-c", "40", "--channels", "3", "--mode", "signal",
-                      "--storm-timeout", "60")
-    finally:
-        SERVER_CMD = saved
+    # Two workers, so clients have somewhere to go.
+    r = run_bench("storm", "-c", "40", "--channels", "3", "--mode", "signal",
+                  "--storm-timeout", "60",
+                  server_cmd=SERVER_CMD.replace("--workers 1", "--workers 2"))
     m = r["metrics"]
     assert m["dropped"] == 40 and m["verified_exact_delivery"] is True, (m, r["failures"])
     assert m["failed_reconnects"] == 0, r["errors"]
@@ -129,12 +125,8 @@ def test_smoke_storm_rolling_restart_signal() -> None:
 @pytest.mark.timeout(90)
 def test_smoke_fanout_with_back_pressure_on() -> None:
     """With max_delivery_lag set, every publish is still answered 200 and delivered once."""
-    global SERVER_CMD
-    saved = SERVER_CMD
-    SERVER_CMD = "VASK_MAX_DELIVERY_LAG=0.01 " + saved.replace("--workers 1", "--workers 2")
-    try:
-        r = run_bench("fanout", "-s", "40", "-e", "300", "-k", "4")
-    finally:
-        SERVER_CMD = saved
+    r = run_bench("fanout", "-s", "40", "-e", "300", "-k", "4",
+                  server_cmd="VASK_MAX_DELIVERY_LAG=0.01 "
+                             + SERVER_CMD.replace("--workers 1", "--workers 2"))
     assert r["metrics"]["delivery_ratio"] == 1.0 and r["metrics"]["events_ok"] == 300, r
     assert r["ok"], r["failures"]

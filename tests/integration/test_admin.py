@@ -9,11 +9,12 @@ worker's figures and records. The admin API must refuse a missing or wrong token
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -108,6 +109,19 @@ async def feed_refuses_a_wrong_token(port: int) -> None:
         assert ws.close_code == 4401
 
 
+@contextlib.asynccontextmanager
+async def console_feed(server: Server, port: int) -> AsyncIterator[Feed]:
+    """The dashboard's feed, signed in, watching the app with the console on, once the
+    workers record."""
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(f"http://127.0.0.1:{port}/admin/ws") as ws:
+        await ws.send_str(json.dumps({"type": "auth", "token": TOKEN}))
+        await ws.send_str(json.dumps({"type": "watch", "app": APP_ID, "console": True}))
+        feed = Feed(ws)
+        await console_ready(feed, server)
+        yield feed
+
+
 async def console_ready(feed: Feed, server: Server) -> None:
     """Wait until the workers record: the console switches on a moment after the page
     asks (the broker relays it to the workers), so probe with a throwaway client."""
@@ -127,12 +141,7 @@ async def console_ready(feed: Feed, server: Server) -> None:
 
 async def scenario(server: Server, port: int) -> None:
     await feed_refuses_a_wrong_token(port)
-    async with aiohttp.ClientSession() as session, \
-            session.ws_connect(f"http://127.0.0.1:{port}/admin/ws") as ws:
-        await ws.send_str(json.dumps({"type": "auth", "token": TOKEN}))
-        await ws.send_str(json.dumps({"type": "watch", "app": APP_ID, "console": True}))
-        feed = Feed(ws)
-        await console_ready(feed, server)
+    async with console_feed(server, port) as feed:
         clients = await connect_spread(server.ws_url, CLIENTS, 3)
         try:
             assert len(workers_of(clients)) == 3
@@ -248,12 +257,7 @@ def webhook_config(url: str) -> str:
 
 async def console_of_client_events_errors_and_webhooks(server: Server, port: int,
                                                       receiver: Receiver) -> None:
-    async with aiohttp.ClientSession() as session, \
-            session.ws_connect(f"http://127.0.0.1:{port}/admin/ws") as ws:
-        await ws.send_str(json.dumps({"type": "auth", "token": TOKEN}))
-        await ws.send_str(json.dumps({"type": "watch", "app": APP_ID, "console": True}))
-        feed = Feed(ws)
-        await console_ready(feed, server)
+    async with console_feed(server, port) as feed:
         a = await PusherClient.connect(server.ws_url)
         b = await PusherClient.connect(server.ws_url)
         try:

@@ -26,7 +26,7 @@ from typing import Any
 import pusher
 import pytest
 
-from tests.pusher_client import PusherClient, close_all
+from tests.pusher_client import PusherClient, close_all, join_presence
 from tests.servers import APP_ID, APP_KEY, APP_SECRET, Server, process_name, run_vask, wait_ready
 
 pytestmark = pytest.mark.timeout(240)
@@ -71,17 +71,6 @@ async def placed(server: Server, per_worker: int) -> list[PusherClient]:
     assert len(kept) == 2 and all(len(g) == per_worker for g in kept.values()), \
         f"could not place clients: {[len(g) for g in kept.values()]}"
     return [c for group in kept.values() for c in group]
-
-
-async def join(client: PusherClient, user: str, deadline: float) -> None:
-    """Join the presence channel, retrying while the cluster recovers (503)."""
-    data = json.dumps({"user_id": user, "user_info": {"name": user}})
-    while True:
-        frame = await client.subscribe(ROOM, data)
-        if frame["event"] == "pusher_internal:subscription_succeeded":
-            return
-        assert time.monotonic() < deadline, f"{user} could not join: {frame}"
-        await asyncio.sleep(0.2)
 
 
 def told_roster(client: PusherClient) -> tuple[set[str], list[str]]:
@@ -142,7 +131,7 @@ async def one_round(server: Server, round_no: int) -> dict[str, Any]:
     members = await placed(server, 2)
     deadline = time.monotonic() + 20
     for i, member in enumerate(members):
-        await join(member, f"r{round_no}-u{i}", deadline)
+        await join_presence(member, ROOM, f"r{round_no}-u{i}", deadline)
     for member in members:  # everyone has seen everyone before the restart
         await member.wait(lambda _, m=member: len(told_roster(m)[0]) == len(members),
                           timeout=5)
@@ -160,7 +149,7 @@ async def one_round(server: Server, round_no: int) -> dict[str, Any]:
         lambda: not any(ghost in told_roster(m)[0] for m in members)))
     await asyncio.sleep(1.0)
     newcomer = (await placed(server, 1))[0]
-    await join(newcomer, f"r{round_no}-new", time.monotonic() + 20)
+    await join_presence(newcomer, ROOM, f"r{round_no}-new", time.monotonic() + 20)
     members.append(newcomer)
     await asyncio.sleep(2.0)
     publisher.halt.set()

@@ -23,7 +23,7 @@ import zmq
 
 from tests.netns.conftest import BROKER_PORT, HEARTBEAT_TIMEOUT, PORT, Cluster
 from tests.netns.net import inside
-from tests.pusher_client import PusherClient, close_all
+from tests.pusher_client import PusherClient, close_all, join_presence
 from tests.servers import APP_ID, APP_KEY, APP_SECRET
 from vask import envelope
 
@@ -61,14 +61,7 @@ async def api(c: Cluster, host: str, call: Callable[[pusher.Pusher], Any]) -> An
 
 
 async def join(client: PusherClient, user: str, timeout: float = 20.0) -> None:
-    data = json.dumps({"user_id": user, "user_info": {"name": user}})
-    deadline = time.monotonic() + timeout
-    while True:
-        frame = await client.subscribe(ROOM, data)
-        if frame["event"] == "pusher_internal:subscription_succeeded":
-            return
-        assert time.monotonic() < deadline, f"{user} could not join: {frame}"
-        await asyncio.sleep(0.2)
+    await join_presence(client, ROOM, user, time.monotonic() + timeout)
 
 
 def roster(client: PusherClient) -> set[str]:
