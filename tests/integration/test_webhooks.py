@@ -45,8 +45,15 @@ def receiver() -> Iterator[Receiver]:
         assert r.invalid == [], f"requests that failed validate_webhook: {r.invalid[:3]}"
 
 
-def sender_pid(server: Server) -> int:
-    pids = [p for p in server.children() if process_name(p) == "vask-webhooks"]
+def sender_pid(server: Server, timeout: float = 15.0) -> int:
+    """The one webhook sender's pid. A freshly forked sender names itself a moment
+    after the supervisor logs that it started, so this waits for the name."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [p for p in server.children() if process_name(p) == "vask-webhooks"]
+        if len(pids) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(pids) == 1, f"webhook sender processes: {pids}"
     return pids[0]
 
