@@ -358,7 +358,7 @@ class AdminServer:
             self._to_thread(self._console, records)
         if self.watching and now >= self.next_sample:
             self.next_sample = now + SAMPLE_INTERVAL
-            from vask.broker.metrics import cluster_snapshot
+            from vask.broker.totals import cluster_snapshot
 
             self._to_thread(self._sample, overview_sample(broker, cluster_snapshot(broker)))
 

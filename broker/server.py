@@ -39,12 +39,11 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from vask import curve, envelope
 from vask.broker.backpressure import Backpressure
-from vask.broker.metrics import ClusterTotals, MetricsServer, cluster_snapshot
 from vask.broker.state import ClusterState, Out
+from vask.broker.totals import ClusterTotals, cluster_snapshot
 from vask.broker.webhook_link import WebhookLink
 from vask.config import Settings
 from vask.envelope import (
@@ -73,8 +72,13 @@ from vask.reload import read_settings_file
 from vask.zmqsend import send_frames
 
 if TYPE_CHECKING:
-    # aiohttp (about 10 MiB per process) is loaded only by a broker serving the dashboard
+    # Loaded only by a broker that serves them: aiohttp (the dashboard, about 10 MiB per
+    # process), prometheus_client (/metrics, about 9 MiB), zmq.auth.thread (CURVE; it
+    # brings asyncio, about 8 MiB)
+    from zmq.auth.thread import ThreadAuthenticator
+
     from vask.broker.admin import AdminServer
+    from vask.broker.metrics import MetricsServer
 
 log = logging.getLogger("vask.broker")
 
@@ -722,6 +726,10 @@ def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
     broker.bind()
     log.info("broker listening on %s (pid %d)%s", endpoint, os.getpid(),
              ", CURVE" if broker.auth is not None else "")
+    if settings.metrics_port:
+        # Loaded only here: prometheus_client (and aiohttp for the dashboard) would
+        # otherwise sit in the memory of every broker, serving or not.
+        from vask.broker.metrics import MetricsServer
     if settings.metrics_port and settings.admin_token:
         # One listener for /metrics and the dashboard (docs/dashboard.md)
         from vask.broker.admin import AdminServer

@@ -15,8 +15,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vask import envelope
-from vask.broker.metrics import ClusterTotals, MetricsServer, cluster_snapshot, families
+from vask.broker.metrics import MetricsServer, families
 from vask.broker.server import Broker
+from vask.broker.totals import ClusterTotals, cluster_snapshot
 from vask.envelope import ENVELOPE_VERSION, Hello, Stats, Subscribe
 from vask.metrics import (
     LATENCY_BOUNDS,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -514,6 +513,8 @@ def _check_tls(settings: Settings) -> None:
                 pass
         except OSError as exc:
             raise ConfigError(f"server.{name}: cannot read {path!r} ({exc.strerror})") from None
+    import ssl  # only with TLS: the supervisor's imports are in every process it forks
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)

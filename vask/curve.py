@@ -29,13 +29,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from vask.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger("vask.curve")
 
@@ -152,7 +154,11 @@ def start_authenticator(context: zmq.Context[Any], settings: Settings) -> Thread
 
     It lives in its own thread on the broker's context; ZeroMQ consults it during each
     CURVE handshake, so the broker's poll loop never sees a peer that failed it.
+    Imported here: ``zmq.auth.thread`` brings asyncio (about 8 MiB of a process's
+    memory), which a broker without CURVE never needs.
     """
+    from zmq.auth.thread import ThreadAuthenticator
+
     auth = ThreadAuthenticator(context, log=logging.getLogger("vask.curve.zap"))
     auth.start()
     auth.configure_curve(domain="*", location=settings.authorized_keys_dir)

@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Callable
 
 from vask.broker.admin import channel_page, overview_sample
-from vask.broker.metrics import cluster_snapshot
 from vask.broker.server import Broker
 from vask.broker.state import ChannelState
+from vask.broker.totals import cluster_snapshot
 from vask.config import App, Settings
 
 
