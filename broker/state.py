@@ -365,6 +365,13 @@ class ClusterState:
                     "ok": False, "type": "LimitReached",
                     "error": "The maximum members per presence channel limit was reached",
                     "status": 4100}))] if msg.rid else []
+        # A worker that already has subscribers here holds the roster its clients were
+        # told, kept current by every member event since (workers/rosters.py): it can
+        # answer this join from that, and the broker sends no roster (O(members) per
+        # join, the bulk of a presence channel's traffic). Not while member events are
+        # held back (recovery, a worker syncing): a told roster may be behind then.
+        roster_known = user_id is not None and not self.recovering and not self.syncing \
+            and key in self.channels and self.channels[key].on_worker(identity) > 0
         state = self._join(identity, key, info, user_id)
         if msg.member is not None and user_id is not None:
             if state.members is None:
@@ -380,13 +387,15 @@ class ClusterState:
             else:
                 connections[msg.socket_id] = msg.member[1]
         if msg.rid:
-            out.append((identity, Reply(msg.rid, self._subscribe_answer(msg))))
+            out.append((identity, Reply(msg.rid, self._subscribe_answer(msg, roster_known))))
         return out
 
-    def _subscribe_answer(self, msg: Subscribe) -> dict[str, Any]:
+    def _subscribe_answer(self, msg: Subscribe, roster_known: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {"ok": True}
         key = (msg.app, msg.channel)
-        if msg.member is not None:
+        if roster_known:
+            body["roster_known"] = True
+        elif msg.member is not None:
             body["presence"] = self._roster(self.channels[key])
         if kind_of(msg.channel).cache:
             entry = self.cache.get(key)

@@ -139,6 +139,29 @@ def test_presence_member_events_across_workers() -> None:
     assert hooks(state) == [{"name": "member_removed", "channel": "presence-r", "user_id": "bob"}]
 
 
+def test_a_worker_with_subscribers_answers_a_join_from_its_told_roster() -> None:
+    """The broker sends a presence roster only to a worker that has no subscriber on
+    the channel yet; a worker that has one was sent every member event since, and the
+    new member's member_added reaches it before the answer (same link, in order)."""
+    state = cluster()
+    for sid in ("1.1", "1.2", "1.3"):
+        connect(state, W1, sid)
+    connect(state, W2, "2.1")
+    first = sub(state, W1, "1.1", "presence-r", ["ada", None], rid=1)
+    assert first[-1][1].body["presence"]["ids"] == ["ada"]
+    out = sub(state, W1, "1.2", "presence-r", ["bob", None], rid=2)
+    assert [(w, type(m).__name__) for w, m in out] == [(W1, "Deliver"), (W1, "Reply")]
+    assert delivered(out)[0][3]["event"] == "pusher_internal:member_added"
+    assert out[-1][1].body == {"ok": True, "roster_known": True}
+    # another worker's first subscriber still gets the whole roster
+    out = sub(state, W2, "2.1", "presence-r", ["cy", None], rid=3)
+    assert out[-1][1].body["presence"]["ids"] == ["ada", "bob", "cy"]
+    # while member events are held back (a worker syncing), told rosters may be behind
+    state.syncing.add(W3)
+    out = sub(state, W1, "1.3", "presence-r", ["dee", None], rid=4)
+    assert out[-1][1].body["presence"]["count"] == 4
+
+
 def test_presence_member_limit_counts_users_not_connections() -> None:
     state = cluster()
     for sid in ("1.1", "1.2", "1.3"):

@@ -28,7 +28,7 @@ import orjson
 
 from vask.metrics import valid_snapshot
 
-ENVELOPE_VERSION = 2
+ENVELOPE_VERSION = 3
 
 
 class EnvelopeError(ValueError):

@@ -38,6 +38,7 @@ from vask.envelope import (
     ENVELOPE_VERSION,
     Bye,
     Caught,
+    ConnClose,
     Console,
     Heartbeat,
     Hello,
@@ -46,7 +47,9 @@ from vask.envelope import (
     Reply,
     Resync,
     Stats,
+    Subscribe,
     Synced,
+    Unsubscribe,
     Verb,
     Welcome,
 )
@@ -64,6 +67,16 @@ DRAIN_LIMIT = 64  # ZeroMQ messages (each possibly a batch) handled per loop tur
 BYE_LINGER_MS = 500
 _CONTROL = (Reply, Heartbeat, Welcome, Resync, Recovered, Console)
 NO_SEQ = bytes(8)
+#: Connection churn (subscribes, unsubscribes, closes) waits this long (seconds) for
+#: more of its kind before it leaves: in a connect or reconnect storm one ZeroMQ message
+#: then carries the subscribes of many connections, and the broker answers them in one,
+#: instead of a round trip per loop turn. Each hop of a ZeroMQ message wakes both ends'
+#: I/O threads, which cost more than handling a subscribe; with 2 ms the CPU per
+#: connect+subscribe fell by a fifth (docs/benchmarks.md, "Connect path"). Anything
+#: else queued (a publish, a client event, a query) sends the batch at the end of the
+#: current loop turn, churn included, so nothing else waits and order is kept.
+CHURN_LINGER = 0.002
+_CHURN = (Subscribe, Unsubscribe, ConnClose)
 ReplyCallback = Callable[[dict[str, Any] | None], None]
 
 
@@ -142,6 +155,10 @@ class BrokerLink:
         self.pending: dict[int, tuple[ReplyCallback, float, float]] = {}
         self.drain_scheduled = False
         self.outbox: list[list[bytes]] = []
+        #: a flush of the outbox is due at the end of this loop turn
+        self.flush_now = False
+        #: a flush CHURN_LINGER away (only churn is queued)
+        self.flush_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.beat_handle: asyncio.TimerHandle | None = None
         self.fd: int = self.sock.fileno()
@@ -340,15 +357,30 @@ class BrokerLink:
     # --- sending --------------------------------------------------------------------
 
     def send(self, message: Verb) -> None:
-        """Queue ``message``; everything queued in one loop turn leaves as one batch."""
+        """Queue ``message``; what is queued leaves as one batch at the end of this loop
+        turn, or :data:`CHURN_LINGER` later while only connection churn is queued."""
         if self.closed:
             return
-        outbox = self.outbox
-        outbox.append(envelope.encode(message))
-        if len(outbox) == 1:
-            self.loop.call_soon(self.flush)
+        self.outbox.append(envelope.encode(message))
+        if self.flush_now:
+            return
+        timer = self.flush_timer
+        if type(message) in _CHURN:
+            if timer is None:
+                self.flush_timer = self.loop.call_later(CHURN_LINGER, self.flush)
+            return
+        if timer is not None:
+            timer.cancel()
+            self.flush_timer = None
+        self.flush_now = True
+        self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        self.flush_now = False
+        timer = self.flush_timer
+        if timer is not None:
+            timer.cancel()
+            self.flush_timer = None
         outbox = self.outbox
         if not outbox or self.closed:
             return

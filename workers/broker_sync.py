@@ -17,6 +17,7 @@ with what the broker sends.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vask.channels import kind_of
@@ -32,6 +33,7 @@ from vask.envelope import (
     Unsubscribe,
     Verb,
 )
+from vask.workers.rosters import roster_body
 from vask.workers.websocket import OPEN, PusherConnection
 from vask.workers.wsframe import text_frame
 
@@ -144,6 +146,14 @@ class BrokerSync:
             session = conn.session
             if session is None:
                 return
+            if body is not None and body.pop("roster_known", False):
+                told = worker.rosters.told.get(key)
+                if told is None:
+                    # Our last local subscriber left while this join was on its way:
+                    # the roster went with it. Ask for the broker's (rare).
+                    self._ask_roster(key, body, answered)
+                    return
+                body["presence"] = roster_body(told)
             if body is None:
                 body = {"ok": False, "type": "ServerError", "status": 503,
                         "error": "The cluster did not answer in time; try again"}
@@ -164,6 +174,22 @@ class BrokerSync:
                                   message.member, message.max_members),
             answered,
         )
+
+    def _ask_roster(self, key: tuple[str, str], body: dict[str, Any],
+                    then: Callable[[dict[str, Any] | None], None]) -> None:
+        """Answer a subscribe whose roster the broker left to us from the broker's
+        roster after all: ``then(body with the roster)``, or ``then(None)`` if the broker
+        does not answer."""
+        def got(answer: dict[str, Any] | None) -> None:
+            members = answer.get("members") if answer is not None else None
+            if not isinstance(members, dict):
+                then(None)
+                return
+            body["presence"] = roster_body(members)
+            then(body)
+
+        self.worker.link.request(
+            lambda rid: Query(rid, key[0], "roster", {"channel": key[1]}), got)
 
     def converge(self) -> None:
         """Ask the broker for each local presence channel's roster and tell local

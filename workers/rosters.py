@@ -30,6 +30,11 @@ Key = tuple[str, str]
 _MEMBER_EVENT = b'{"event":"pusher_internal:member_'
 
 
+def roster_body(members: dict[str, Any]) -> dict[str, Any]:
+    """The ``presence`` object of ``subscription_succeeded`` for ``user_id -> info``."""
+    return {"ids": list(members), "hash": dict(members), "count": len(members)}
+
+
 class Rosters:
     """``(app, presence channel) -> {user_id: user_info}`` as told to local clients."""
 
