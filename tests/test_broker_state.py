@@ -591,3 +591,29 @@ def test_the_frame_limit_follows_the_settings() -> None:
     assert server.max_frame_bytes(Settings()) == server.MAX_FRAME_BYTES
     big = Settings(max_http_body_bytes=100 * 1024 * 1024)
     assert server.max_frame_bytes(big) > 400 * 1024 * 1024
+
+
+def test_one_channel_and_one_worker_are_stored_compactly_and_grow_back() -> None:
+    """A connection in one plain channel keeps just its name, a channel on one worker
+    just that worker; both become the general forms on a second entry and return."""
+    state = cluster()
+    for worker, sid in ((W1, "1.1"), (W1, "1.2"), (W2, "2.1")):
+        connect(state, worker, sid)
+    sub(state, W1, "1.1", "c")
+    info, channel = state.sockets[("1", "1.1")], state.channels[("1", "c")]
+    assert info.channels == "c" and channel.workers == W1 and channel.count == 1
+    sub(state, W1, "1.2", "c")
+    assert channel.workers == W1 and channel.per_worker == {W1: 2}
+    sub(state, W2, "2.1", "c")
+    assert channel.per_worker == {W1: 2, W2: 1} and channel.on_worker(W2) == 1
+    assert len(delivered(state.publish(W2, Publish("1", "c", "", 0, b"{}"), 0))) == 2
+    sub(state, W1, "1.1", "presence-p", ["ada", None])
+    assert info.channels == {"c": None, "presence-p": "ada"}
+    state.unsubscribe(W2, Unsubscribe("1", "c", "2.1"))
+    assert channel.workers == W1 and channel.on_worker(W1) == 2 and channel.on_worker(W2) == 0
+    state.unsubscribe(W1, Unsubscribe("1", "c", "1.1"))
+    assert info.channels == {"presence-p": "ada"} and channel.per_worker == {W1: 1}
+    state.conn_close(W1, ConnClose("1", "1.2"))
+    assert ("1", "c") not in state.channels
+    state.conn_close(W1, ConnClose("1", "1.1"))
+    assert state.channels == {} and ("1", "1.1") not in state.sockets

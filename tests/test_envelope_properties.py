@@ -287,7 +287,7 @@ def check_invariants(state: Any) -> None:
     """The channel table agrees with the connections' own records."""
     expected: dict[tuple[str, str], dict[bytes, int]] = {}
     for (app_id, _), info in state.sockets.items():
-        for channel in info.channels:
+        for channel, _ in info.joined():
             per = expected.setdefault((app_id, channel), {})
             per[info.worker] = per.get(info.worker, 0) + 1
     assert {k: c.per_worker for k, c in state.channels.items()} == expected
@@ -296,9 +296,9 @@ def check_invariants(state: Any) -> None:
         for user_id, conns in (channel.members or {}).items():
             assert conns, key
             for socket_id in conns:
-                assert state.sockets[(key[0], socket_id)].channels[key[1]] == user_id
+                assert dict(state.sockets[(key[0], socket_id)].joined())[key[1]] == user_id
     for (app_id, socket_id), info in state.sockets.items():
-        for channel, user_id in info.channels.items():
+        for channel, user_id in info.joined():
             if user_id is not None:
                 members = state.channels[(app_id, channel)].members
                 assert socket_id in members[user_id]

@@ -129,7 +129,8 @@ class BrokerSync:
 
     def subscribe(self, conn: PusherConnection, message: Subscribe) -> None:
         """Settle a subscribe: locally when the broker already routes a plain channel to
-        this worker (``confirmed``), otherwise by asking the broker."""
+        this worker (it is in the index, see :mod:`vask.workers.index`), otherwise by
+        asking the broker."""
         session = conn.session
         if session is None:
             return
@@ -137,7 +138,7 @@ class BrokerSync:
         index = worker.index
         link = worker.link
         key = (message.app, message.channel)
-        if message.member is None and key in index.confirmed and not kind_of(key[1]).cache:
+        if message.member is None and key in index and not kind_of(key[1]).cache:
             link.send(message)
             conn.apply(session.subscribe_answered(message, _OK))
             return
@@ -161,7 +162,6 @@ class BrokerSync:
                 link.send(Unsubscribe(message.app, message.channel, message.socket_id))
             conn.apply(session.subscribe_answered(message, body))
             if body.get("ok") and key in index:
-                index.confirmed.add(key)
                 presence = body.get("presence")
                 if isinstance(presence, dict):
                     for payload in worker.rosters.subscribed(key, presence):

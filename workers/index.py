@@ -4,8 +4,12 @@
 per-user private channel) maps straight to its connection; a set is made only for the
 second one, which saves a set (about 220 bytes) per such channel.
 
-``confirmed`` holds the channels the broker has confirmed it routes to this worker: a
-later subscriber of such a channel is answered locally (see ``BrokerSync.subscribe``).
+A channel is here only once the broker has confirmed a subscription to it (a connection
+is bound on the broker's ``ok``, or on a local answer that itself relied on one), so a
+channel in the index is one the broker routes to this worker: a later subscriber of such
+a plain channel is answered locally (see ``BrokerSync.subscribe``). The one binding made
+without the broker's answer, a signed-in user's ``#server-to-user-`` channel, has a name
+no client subscribe can carry.
 """
 
 from __future__ import annotations
@@ -23,13 +27,12 @@ Key = tuple[str, str]
 class ChannelIndex:
     """Which local connections are subscribed to which channel."""
 
-    __slots__ = ("channels", "confirmed", "corker", "rosters")
+    __slots__ = ("channels", "corker", "rosters")
 
     def __init__(self, corker: Corker, rosters: Rosters) -> None:
         self.corker = corker
         self.rosters = rosters
         self.channels: dict[Key, PusherConnection | set[PusherConnection]] = {}
-        self.confirmed: set[Key] = set()
 
     def __contains__(self, key: Key) -> bool:
         return key in self.channels
@@ -51,7 +54,6 @@ class ChannelIndex:
                 channels[key] = next(iter(members))
         elif members is conn:
             del channels[key]
-            self.confirmed.discard(key)
             self.rosters.left(key)
 
     def fan_out(self, app_id: str, channel: str, exclude: str, data: bytes,
