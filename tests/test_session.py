@@ -10,7 +10,16 @@ import pytest
 
 from vask.config import App
 from vask.envelope import Publish, SignIn, Subscribe, Unsubscribe
-from vask.session import Ask, Bind, Close, PusherSession, Send, Tell, signed_subscribe
+from vask.session import (
+    Ask,
+    Bind,
+    Close,
+    PusherSession,
+    Send,
+    Subscriptions,
+    Tell,
+    signed_subscribe,
+)
 from vask.signing import sign, user_string
 
 APP = App(id="3", key="278d425bdf160c739803", secret="7ad3773142a6692b25b8",
@@ -621,3 +630,24 @@ def test_a_cache_answer_that_is_not_a_payload_counts_as_a_miss() -> None:
     s = session()
     frames = sent(settle(s, raw_subscribe(s, "cache-x"), {"ok": True, "cache": {"x": 1}}))
     assert frames[1] == {"event": "pusher:cache_miss", "channel": "cache-x"}
+
+
+def test_the_subscriptions_mapping_keeps_one_channel_without_a_dict() -> None:
+    subs = Subscriptions()
+    assert len(subs) == 0 and "a" not in subs and list(subs.items()) == []
+    subs["a"] = ""
+    assert subs._more is None and "a" in subs and subs["a"] == "" and list(subs) == ["a"]
+    subs["a"] = "u1"  # the same channel again: replaced in place
+    assert subs._more is None and subs.get("a") == "u1" and subs.get("b") is None
+    subs["b"] = ""
+    assert list(subs.items()) == [("a", "u1"), ("b", "")] and len(subs) == 2
+    assert subs.pop("a") == "u1" and dict(subs) == {"b": ""}
+    with pytest.raises(KeyError):
+        subs.pop("a")
+    del subs["b"]
+    assert not subs
+    one = Subscriptions()
+    one["c"] = "x"
+    assert one.pop("c") == "x" and not one and "c" not in one
+    with pytest.raises(KeyError):
+        one["c"]
