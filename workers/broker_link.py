@@ -72,7 +72,7 @@ NO_SEQ = bytes(8)
 #: then carries the subscribes of many connections, and the broker answers them in one,
 #: instead of a round trip per loop turn. Each hop of a ZeroMQ message wakes both ends'
 #: I/O threads, which cost more than handling a subscribe; with 2 ms the CPU per
-#: connect+subscribe fell by a fifth (docs/benchmarks.md, "Connect path"). Anything
+#: connect+subscribe fell by 1.12-1.25x (docs/benchmarks.md, third pass). Anything
 #: else queued (a publish, a client event, a query) sends the batch at the end of the
 #: current loop turn, churn included, so nothing else waits and order is kept.
 CHURN_LINGER = 0.002
