@@ -1,7 +1,12 @@
 """Starting, waiting for and stopping a server under test (``--server-cmd``).
 
-The server runs in its own session/process group so that it can be stopped as a
-whole; any descendant that escaped the group is killed afterwards by PID.
+The server runs in its own process group so that it can be stopped as a whole; any
+descendant that escaped the group is killed afterwards by PID. It stays in the bench's
+session: Linux's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``)
+shares the CPU between sessions first, so a server in a session of its own would get
+one group's share against the load generator's, however many processes it runs. On a
+2-core machine that capped a 4-process Vask at about one core and turned its saturated
+fan-out p99 from about 0.2 s into about 4 s (docs/benchmarks.md, "Scheduling").
 """
 
 from __future__ import annotations
@@ -146,7 +151,7 @@ class ManagedServer:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out if self.log_path else sys.stderr,
-            start_new_session=True,  # own session and process group, pgid == pid
+            process_group=0,  # own process group, pgid == pid; same session (see above)
         )
         if self.log_path and not isinstance(out, int):
             out.close()
