@@ -726,9 +726,7 @@ def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
     broker.bind()
     log.info("broker listening on %s (pid %d)%s", endpoint, os.getpid(),
              ", CURVE" if broker.auth is not None else "")
-    if settings.metrics_port:
-        # Loaded only here: prometheus_client (and aiohttp for the dashboard) would
-        # otherwise sit in the memory of every broker, serving or not.
+    if settings.metrics_port:  # (imported here: see the TYPE_CHECKING block)
         from vask.broker.metrics import MetricsServer
     if settings.metrics_port and settings.admin_token:
         # One listener for /metrics and the dashboard (docs/dashboard.md)

@@ -147,13 +147,20 @@ class BrokerSync:
             session = conn.session
             if session is None:
                 return
+            told = None
             if body is not None and body.pop("roster_known", False):
                 told = worker.rosters.told.get(key)
                 if told is None:
                     # Our last local subscriber left while this join was on its way:
                     # the roster went with it. Ask for the broker's (rare).
-                    self._ask_roster(key, body, answered)
+                    def got(members: dict[str, Any] | None, body: dict[str, Any] = body) -> None:
+                        if members is not None:
+                            body["presence"] = roster_body(members)
+                        answered(body if members is not None else None)
+
+                    self._ask_roster(key, got)
                     return
+                # current already: every member event since reached it (no copy, no diff)
                 body["presence"] = roster_body(told)
             if body is None:
                 body = {"ok": False, "type": "ServerError", "status": 503,
@@ -161,7 +168,7 @@ class BrokerSync:
                 # the broker may still apply it later: take it back
                 link.send(Unsubscribe(message.app, message.channel, message.socket_id))
             conn.apply(session.subscribe_answered(message, body))
-            if body.get("ok") and key in index:
+            if told is None and body.get("ok") and key in index:
                 presence = body.get("presence")
                 if isinstance(presence, dict):
                     for payload in worker.rosters.subscribed(key, presence):
@@ -175,18 +182,13 @@ class BrokerSync:
             answered,
         )
 
-    def _ask_roster(self, key: tuple[str, str], body: dict[str, Any],
+    def _ask_roster(self, key: tuple[str, str],
                     then: Callable[[dict[str, Any] | None], None]) -> None:
-        """Answer a subscribe whose roster the broker left to us from the broker's
-        roster after all: ``then(body with the roster)``, or ``then(None)`` if the broker
-        does not answer."""
+        """Ask the broker for a presence channel's roster: ``then(user_id -> info)``,
+        or ``then(None)`` if it does not answer (or answers something else)."""
         def got(answer: dict[str, Any] | None) -> None:
             members = answer.get("members") if answer is not None else None
-            if not isinstance(members, dict):
-                then(None)
-                return
-            body["presence"] = roster_body(members)
-            then(body)
+            then(members if isinstance(members, dict) else None)
 
         self.worker.link.request(
             lambda rid: Query(rid, key[0], "roster", {"channel": key[1]}), got)
@@ -196,16 +198,13 @@ class BrokerSync:
         subscribers only the difference from what they were told."""
         worker = self.worker
         for key in list(worker.rosters.told):
-            def answered(body: dict[str, Any] | None, key: tuple[str, str] = key) -> None:
-                members = body.get("members") if body is not None else None
-                if not isinstance(members, dict):
+            def answered(members: dict[str, Any] | None, key: tuple[str, str] = key) -> None:
+                if members is None:
                     return  # no answer: the next resync tries again
                 for payload in worker.rosters.diff(key, members):
                     worker.index.fan_out(key[0], key[1], "", text_frame(payload))
 
-            worker.link.request(
-                lambda rid, key=key: Query(rid, key[0], "roster", {"channel": key[1]}),  # type: ignore[misc]
-                answered)
+            self._ask_roster(key, answered)
 
     def connection_ended(self, conn: PusherConnection) -> None:
         """A connection left (closing handshake started, or gone): drop it locally and

@@ -31,8 +31,9 @@ _MEMBER_EVENT = b'{"event":"pusher_internal:member_'
 
 
 def roster_body(members: dict[str, Any]) -> dict[str, Any]:
-    """The ``presence`` object of ``subscription_succeeded`` for ``user_id -> info``."""
-    return {"ids": list(members), "hash": dict(members), "count": len(members)}
+    """The ``presence`` object of ``subscription_succeeded`` for ``user_id -> info``
+    (it holds ``members`` itself: it is serialized at once, not kept)."""
+    return {"ids": list(members), "hash": members, "count": len(members)}
 
 
 class Rosters:
