@@ -45,6 +45,7 @@ def worker() -> Iterator[Any]:
     worker.link = FakeLink()
     worker.by_socket_id = {}
     worker.ws_pool = []
+    worker.held = {}
     worker.sync = BrokerSync(worker)
     yield worker
     loop.close()

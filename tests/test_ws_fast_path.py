@@ -23,7 +23,7 @@ from tests.test_connection_layer import FakeTransport
 from vask.config import load_settings
 from vask.metrics import WorkerMetrics
 from vask.workers.outbound import Corker
-from vask.workers.websocket import OPEN, PusherConnection
+from vask.workers.websocket import BURST_FRAMES, OPEN, PusherConnection
 
 
 def frame(payload: bytes, opcode: int = 0x1, fin: bool = True, masked: bool = True,
@@ -58,7 +58,8 @@ def open_conn(loop: asyncio.AbstractEventLoop, max_message_bytes: int = 1024
     worker: Any = SimpleNamespace(
         settings=settings, clock=100.0, wall=1_000_000.0, connections=set(),
         counters=metrics.events, corker=Corker(loop, 262_144), stopping=False, loop=loop,
-        metrics=metrics, ws_pool=[], sync=SimpleNamespace(connection_ended=ended.append),
+        metrics=metrics, ws_pool=[], held={},
+        sync=SimpleNamespace(connection_ended=ended.append),
         admission=SimpleNamespace(tcp_closed=lambda peer: None),
     )
     transport = FakeTransport()
@@ -164,3 +165,49 @@ def test_text_that_is_not_utf8_reaches_the_session_as_with_websockets(
     conn.data_received(frame(b"\xff\xfe") + frame(b"after"))
     assert seen == [b"\xff\xfe", b"after"]
     assert close_code(transport) is None
+
+
+def turn(loop: asyncio.AbstractEventLoop) -> None:
+    """Run one turn of the loop: the callbacks that are due now, not those they add."""
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+
+
+@pytest.mark.parametrize("with_pings", [False, True], ids=["fast path", "websockets"])
+def test_a_burst_in_one_read_is_handled_a_share_per_loop_turn(
+        loop: asyncio.AbstractEventLoop, with_pings: bool) -> None:
+    # One read of thousands of small frames must not hold the worker's loop for all of
+    # them: each turn takes at most BURST_FRAMES, and reading waits until the last.
+    # Pings in between send the frames through websockets, whose parsed frames are
+    # shared out the same way.
+    conn, transport, seen = open_conn(loop)
+    count = 3 * BURST_FRAMES + 10
+    messages = [str(i).encode() for i in range(count)]
+    data = b"".join((frame(b"p", opcode=0x9) if with_pings else b"") + frame(m)
+                    for m in messages)
+    per_frame = 2 if with_pings else 1
+    conn.data_received(data)
+    shares = [len(seen)]
+    while not transport.reading:
+        turn(loop)
+        shares.append(len(seen) - sum(shares))
+        assert len(shares) < 20, shares
+    assert seen == messages  # every message, in order
+    assert all(0 < share * per_frame <= BURST_FRAMES for share in shares), shares
+    assert len(shares) >= count * per_frame // BURST_FRAMES
+    assert not conn.worker.held
+    if with_pings:
+        turn(loop)
+        assert transport.text.count(b"\x8a\x01p") == count  # every ping got its pong
+    conn.data_received(frame(b"later"))  # the connection reads again as before
+    assert seen[-1] == b"later"
+
+
+def test_a_connection_lost_during_a_burst_drops_the_rest(
+        loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport, seen = open_conn(loop)
+    conn.data_received(b"".join(frame(b"m") for _ in range(2 * BURST_FRAMES)))
+    assert len(seen) == BURST_FRAMES and conn.worker.held
+    conn.connection_lost(None)
+    turn(loop)
+    assert len(seen) == BURST_FRAMES and not conn.worker.held

@@ -31,6 +31,7 @@ import socket
 import ssl
 import time
 from collections import Counter
+from typing import Any
 
 import orjson
 from websockets.server import ServerProtocol
@@ -74,6 +75,8 @@ class Worker:
         self.by_socket_id: dict[str, PusherConnection] = {}
         #: websockets protocols between frames, shared by connections
         self.ws_pool: list[ServerProtocol] = []
+        #: the rest of a burst each connection holds for the next turn (see PusherConnection._hold)
+        self.held: dict[PusherConnection, bytes | list[Any]] = {}
         self.clock = time.monotonic()
         self.wall = time.time()
         #: every figure this worker counts, sent to the broker with each heartbeat

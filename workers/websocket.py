@@ -32,7 +32,7 @@ from vask import frames
 from vask.envelope import Publish
 from vask.metrics import AppStats
 from vask.session import Ask, Bind, Close, PusherSession, Send, Tell
-from vask.workers.outbound import Outbound
+from vask.workers.outbound import PAUSED_BURST, Outbound
 from vask.workers.wsframe import text_frame
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 OPENING, OPEN, CLOSING, CLOSED = range(4)
 CLOSE_WAIT = 5.0  # seconds a started closing handshake may take before the abort
 
-#: frames in one read above which the connection is not read again until the next turn
+#: frames of one connection handled in one loop turn; the rest of its read waits a turn
 BURST_FRAMES = 256
 #: idle websockets protocol objects a worker keeps for reuse
 WS_POOL_SIZE = 256
@@ -98,6 +98,7 @@ class PusherConnection(Outbound):
         self.phase = CLOSED
         worker = self.worker
         worker.connections.discard(self)
+        worker.held.pop(self, None)
         worker.admission.tcp_closed(self.peer)
         worker.sync.connection_ended(self)
         self.transport = None
@@ -106,22 +107,52 @@ class PusherConnection(Outbound):
         self.stats.ws_bytes_in += len(data)
         self.last_seen = self.worker.clock
         self.ping_sent = 0.0
-        fast = 0
+        self._ingest(data)
+
+    def _ingest(self, data: bytes) -> None:
+        """Handle at most :data:`BURST_FRAMES` frames of ``data`` now; hold the rest for
+        the next loop turn (:meth:`_hold`)."""
+        budget = BURST_FRAMES
         if self.ws is None and self.phase == OPEN and self.fragments is None:
             fast, rest = self._fast_frames(data)
             if not rest:
-                if fast > BURST_FRAMES:
+                if fast >= BURST_FRAMES:
                     self.pause_for_a_turn()
                 return
+            if fast >= BURST_FRAMES:
+                self._hold(rest)
+                return
             data = rest
+            budget -= fast
         ws = self.protocol()
         self.unparsed += len(data)
         ws.receive_data(data)
-        if self._frames(ws) + fast > BURST_FRAMES:
-            # One read held a flood of messages: let everyone else have the loop before
-            # this connection is read again (the event loop would otherwise read up to
-            # 32 such buffers from it in one go).
-            self.pause_for_a_turn()
+        self._frames(ws, ws.events_received(), budget)
+
+    def _hold(self, rest: bytes | list[Any]) -> None:
+        """Keep what is left of a burst (raw bytes, or frames websockets already parsed)
+        and stop reading: everyone else gets the loop before :meth:`_go_on` handles the
+        next share. One read can carry thousands of small frames (the event loop reads
+        up to 256 KB at a time), and handling them all at once would stall every other
+        connection of the worker for as long. The worker keeps it (``Worker.held``), so
+        a connection without a burst pays no slot for it."""
+        worker = self.worker
+        worker.held[self] = rest
+        self.pause(PAUSED_BURST)
+        worker.loop.call_soon(self._go_on)
+
+    def _go_on(self) -> None:
+        rest = self.worker.held.pop(self, None)
+        if rest is None or self.transport is None:
+            return  # the connection was lost meanwhile
+        if isinstance(rest, list):
+            ws = self.ws
+            if ws is not None:
+                self._frames(ws, rest, BURST_FRAMES)
+        else:
+            self._ingest(rest)
+        if self not in self.worker.held:
+            self.resume(PAUSED_BURST)
 
     def eof_received(self) -> bool | None:
         self.protocol().receive_eof()
@@ -159,7 +190,8 @@ class PusherConnection(Outbound):
 
     def _fast_frames(self, data: bytes) -> tuple[int, bytes]:
         """Handle the leading complete, unfragmented, masked text frames of ``data``
-        without websockets; return how many, and the bytes left for websockets.
+        without websockets (at most :data:`BURST_FRAMES`); return how many, and the
+        bytes left.
 
         Nearly every client message (a subscribe, a client event, a pong) is one small
         text frame in one read. For those, building and parsing through websockets'
@@ -174,7 +206,7 @@ class PusherConnection(Outbound):
         n = len(data)
         pos = count = 0
         limit = self.worker.settings.max_message_bytes
-        while self.phase == OPEN and self.ws is None:
+        while count < BURST_FRAMES and self.phase == OPEN and self.ws is None:
             if n - pos < 6 or data[pos] != 0x81:  # FIN, no RSV, text
                 break
             length = data[pos + 1] ^ 0x80  # the mask bit must be set
@@ -194,10 +226,12 @@ class PusherConnection(Outbound):
             self._text(payload)
         return count, data[pos:] if pos else data
 
-    def _frames(self, ws: ServerProtocol) -> int:
-        """Handle the frames parsed so far; how many there were."""
-        events = ws.events_received()
-        for frame in events:
+    def _frames(self, ws: ServerProtocol, events: list[Any], budget: int) -> None:
+        """Handle up to ``budget`` of the frames websockets parsed; hold the rest."""
+        for done, frame in enumerate(events):
+            if done == budget:
+                self._hold(events[done:])
+                break
             if not isinstance(frame, Frame):  # an OPEN protocol only yields frames
                 continue
             self.unparsed -= _wire_size(len(frame.data))
@@ -234,7 +268,6 @@ class PusherConnection(Outbound):
         self._flush_ws()
         if self.ws is not None:
             self._release(self.ws)
-        return len(events)
 
     def _binary(self) -> None:
         self.send(frames.error(None, "Binary frames are not supported: send JSON text frames"))
