@@ -205,7 +205,7 @@ def test_a_burst_in_one_read_is_handled_a_share_per_loop_turn(
 
 def test_a_connection_lost_during_a_burst_drops_the_rest(
         loop: asyncio.AbstractEventLoop) -> None:
-    conn, transport, seen = open_conn(loop)
+    conn, _transport, seen = open_conn(loop)
     conn.data_received(b"".join(frame(b"m") for _ in range(2 * BURST_FRAMES)))
     assert len(seen) == BURST_FRAMES and conn.worker.held
     conn.connection_lost(None)
