@@ -117,6 +117,8 @@ class PusherConnection(Outbound):
             fast, rest = self._fast_frames(data)
             if not rest:
                 if fast >= BURST_FRAMES:
+                    # A full share and nothing left: still let the others go first, or
+                    # the event loop may read up to 32 more buffers from us in one go.
                     self.pause_for_a_turn()
                 return
             if fast >= BURST_FRAMES:
@@ -146,9 +148,9 @@ class PusherConnection(Outbound):
         if rest is None or self.transport is None:
             return  # the connection was lost meanwhile
         if isinstance(rest, list):
-            ws = self.ws
-            if ws is not None:
-                self._frames(ws, rest, BURST_FRAMES)
+            # held frames keep ``unparsed`` above zero, so ws was not released
+            assert self.ws is not None
+            self._frames(self.ws, rest, BURST_FRAMES)
         else:
             self._ingest(rest)
         if self not in self.worker.held:
