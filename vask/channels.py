@@ -63,12 +63,23 @@ _PREFIXES: tuple[tuple[str, ChannelKind], ...] = (
 )
 
 
+#: the prefixes by their first character: most channels (every public one) are told
+#: apart by one dict lookup instead of eight ``startswith`` calls
+_BY_FIRST: dict[str, tuple[tuple[str, ChannelKind], ...]] = {
+    first: tuple(entry for entry in _PREFIXES if entry[0][0] == first)
+    for first in {prefix[0] for prefix, _ in _PREFIXES}
+}
+_PUBLIC = Kinds.PUBLIC.value
+
+
 def kind_of(channel: str) -> ChannelKind:
     """The kind of ``channel``, by the most specific matching prefix."""
-    for prefix, kind in _PREFIXES:
-        if channel.startswith(prefix):
-            return kind
-    return Kinds.PUBLIC.value
+    candidates = _BY_FIRST.get(channel[:1])
+    if candidates is not None:
+        for prefix, kind in candidates:
+            if channel.startswith(prefix):
+                return kind
+    return _PUBLIC
 
 
 def name_problem(channel: object, max_length: int) -> str | None:

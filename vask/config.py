@@ -200,6 +200,10 @@ class Settings:
     #: before HTTP API publishes that reach it are answered late (back-pressure on
     #: the publisher; docs/operations.md); 0 = never answer late
     max_delivery_lag: float = 0.0
+    #: seconds a worker's subscribes, unsubscribes and closes may wait to share one
+    #: message to the broker with others while its link is busy (docs/configuration.md);
+    #: 0 = each loop turn's churn leaves at the end of that turn
+    churn_linger: float = 0.01
 
     def app_by_key(self, key: str) -> App | None:
         for app in self.apps:
@@ -253,6 +257,7 @@ _SERVER_KEYS = {
     "insecure_broker": bool,
     "admin_token": str,
     "max_delivery_lag": float,
+    "churn_linger": float,
 }
 _WEBHOOK_EVENTS = frozenset((*DEFAULT_WEBHOOK_EVENTS, "subscription_count"))
 #: headers of a webhook request that the configuration may not set (besides X-Pusher-*)
@@ -458,6 +463,8 @@ def _check_settings(settings: Settings) -> None:
     if not 0 <= settings.max_delivery_lag < settings.broker_timeout:
         raise ConfigError("server.max_delivery_lag: must be from 0 up to (not including) "
                           "broker_timeout")
+    if not 0 <= settings.churn_linger <= 1:
+        raise ConfigError("server.churn_linger: must be from 0 to 1 second")
     for name in ("drain_window", "stop_ready_delay"):
         if not 0 <= getattr(settings, name) <= 3600:
             raise ConfigError(f"server.{name}: must be between 0 and 3600 seconds")

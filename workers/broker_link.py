@@ -67,15 +67,17 @@ DRAIN_LIMIT = 64  # ZeroMQ messages (each possibly a batch) handled per loop tur
 BYE_LINGER_MS = 500
 _CONTROL = (Reply, Heartbeat, Welcome, Resync, Recovered, Console)
 NO_SEQ = bytes(8)
-#: Connection churn (subscribes, unsubscribes, closes) waits this long (seconds) for
-#: more of its kind before it leaves: in a connect or reconnect storm one ZeroMQ message
-#: then carries the subscribes of many connections, and the broker answers them in one,
-#: instead of a round trip per loop turn. Each hop of a ZeroMQ message wakes both ends'
-#: I/O threads, which cost more than handling a subscribe; with 2 ms the CPU per
-#: connect+subscribe fell by 1.12-1.25x (docs/benchmarks.md, third pass). Anything
-#: else queued (a publish, a client event, a query) sends the batch at the end of the
-#: current loop turn, churn included, so nothing else waits and order is kept.
-CHURN_LINGER = 0.002
+#: Connection churn (subscribes, unsubscribes, closes) is what a connect or reconnect
+#: storm is made of. Each ZeroMQ message on the link costs six thread wake-ups (both
+#: ends' I/O threads, the broker, the worker) and on a 2-core VM a broker round trip
+#: costs it about 250 us of CPU whatever it carries, against about 25 us of work per
+#: subscribe (docs/benchmarks.md, fourth pass). So churn waits up to ``churn_linger``
+#: (a setting, 10 ms by default) for more of its kind while the link is busy, i.e. when
+#: something was sent within that time: a storm's subscribes then travel and are
+#: answered dozens at a time. On a quiet link churn leaves at the end of its loop turn,
+#: so a lone subscribe is not delayed. Anything else queued (a publish, a client event,
+#: a query) sends the batch at the end of the current turn, churn included, so nothing
+#: else waits and order is kept.
 _CHURN = (Subscribe, Unsubscribe, ConnClose)
 ReplyCallback = Callable[[dict[str, Any] | None], None]
 
@@ -157,8 +159,10 @@ class BrokerLink:
         self.outbox: list[list[bytes]] = []
         #: a flush of the outbox is due at the end of this loop turn
         self.flush_now = False
-        #: a flush CHURN_LINGER away (only churn is queued)
+        #: a flush up to churn_linger away (only churn is queued, on a busy link)
         self.flush_timer: asyncio.TimerHandle | None = None
+        #: loop time of the last flush that sent something (a busy link lingers churn)
+        self.last_flush = -1.0
         self.closed = False
         self.beat_handle: asyncio.TimerHandle | None = None
         self.fd: int = self.sock.fileno()
@@ -358,7 +362,8 @@ class BrokerLink:
 
     def send(self, message: Verb) -> None:
         """Queue ``message``; what is queued leaves as one batch at the end of this loop
-        turn, or :data:`CHURN_LINGER` later while only connection churn is queued."""
+        turn, or up to ``churn_linger`` later while only connection churn is queued and
+        the link is busy."""
         if self.closed:
             return
         self.outbox.append(envelope.encode(message))
@@ -367,7 +372,12 @@ class BrokerLink:
         timer = self.flush_timer
         if type(message) in _CHURN:
             if timer is None:
-                self.flush_timer = self.loop.call_later(CHURN_LINGER, self.flush)
+                linger = self.settings.churn_linger
+                if linger > 0 and self.loop.time() - self.last_flush < linger:
+                    self.flush_timer = self.loop.call_later(linger, self.flush)
+                else:  # a quiet link: nothing to wait for
+                    self.flush_now = True
+                    self.loop.call_soon(self.flush)
             return
         if timer is not None:
             timer.cancel()
@@ -385,6 +395,7 @@ class BrokerLink:
         if not outbox or self.closed:
             return
         self.outbox = []
+        self.last_flush = self.loop.time()
         # A huge turn (the replay of thousands of connections) leaves in several
         # batches, so the broker can interleave other workers' traffic between them.
         for start in range(0, len(outbox), BATCH_LIMIT):
