@@ -68,10 +68,10 @@ BYE_LINGER_MS = 500
 _CONTROL = (Reply, Heartbeat, Welcome, Resync, Recovered, Console)
 NO_SEQ = bytes(8)
 #: Connection churn (subscribes, unsubscribes, closes) is what a connect or reconnect
-#: storm is made of. Each ZeroMQ message on the link costs six thread wake-ups (both
-#: ends' I/O threads, the broker, the worker) and on a 2-core VM a broker round trip
-#: costs it about 250 us of CPU whatever it carries, against about 25 us of work per
-#: subscribe (docs/benchmarks.md, fourth pass). So churn waits up to ``churn_linger``
+#: storm is made of. A round trip on the link wakes six threads (each end's ZeroMQ I/O
+#: thread twice, the broker, the worker), and measured on a 2-core VM the broker alone
+#: spends about 250 us of CPU per round trip whatever it carries, against about 25 us of
+#: work per subscribe (docs/benchmarks.md, fourth pass). So churn waits up to ``churn_linger``
 #: (a setting, 10 ms by default) for more of its kind while the link is busy, i.e. when
 #: something was sent within that time: a storm's subscribes then travel and are
 #: answered dozens at a time. On a quiet link churn leaves at the end of its loop turn,
