@@ -130,3 +130,26 @@ def test_smoke_fanout_with_back_pressure_on() -> None:
                              + SERVER_CMD.replace("--workers 1", "--workers 2"))
     assert r["metrics"]["delivery_ratio"] == 1.0 and r["metrics"]["events_ok"] == 300, r
     assert r["ok"], r["failures"]
+
+
+@pytest.mark.timeout(120)
+def test_smoke_broker_bench_reports_every_phase() -> None:
+    """`vask bench broker`: a real broker process and fake workers; every phase answers,
+    and the round-trip phase reports the broker's CPU for each batch size."""
+    argv = [sys.executable, "-m", "vask.cli", "bench", "broker", "-w", "2", "-n", "400",
+            "--samples", "20", "--json"]
+    proc = subprocess.run(argv, capture_output=True, timeout=110, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(proc.stdout)
+    for phase in ("subscribes", "presence_joins", "publishes"):
+        assert result[phase]["per_second"] > 0
+    trips = result["round_trip_cpu"]
+    assert sorted(trips, key=int) == ["1", "8", "64"]
+    for size, figures in trips.items():
+        assert figures["round_trips"] > 0
+        # CPU time is counted in clock ticks (10 ms): hundreds of round trips take
+        # several, whatever the machine
+        assert figures["broker_cpu_us_per_round_trip"] > 0
+        assert 0 < figures["broker_cpu_us_per_subscribe"] \
+            <= figures["broker_cpu_us_per_round_trip"]
+    assert result["hop_latency_us"]["samples"] == 20

@@ -10,6 +10,12 @@ the clients'. Each phase reports messages answered per second:
   member_added routed to the other fake workers);
 * ``publishes``: acknowledged publishes (like HTTP API triggers) to a channel with
   subscribers on every fake worker, so each is routed as one delivery per worker;
+* ``round trip CPU``: subscribes sent in batches of 1, 8 and 64, one batch at a time,
+  each answered before the next leaves (a worker's link under light churn): the
+  broker's CPU time (all its threads, from ``/proc``) per round trip and per subscribe.
+  What a round trip costs whatever it carries is the thread wake-ups at both ends, and
+  it is why a worker lets churn wait for more of its kind on a busy link
+  (``churn_linger``);
 * ``hop latency``: one acknowledged publish at a time, from a fake worker's send to the
   delivery arriving at another fake worker (median and 99th percentile), which is the
   time a broker hop adds to an event. Run it with ``--endpoint ipc`` and ``tcp`` (and
@@ -52,6 +58,8 @@ from vask.envelope import (
 )
 
 BATCH = 512  # envelope messages per ZeroMQ message from a fake worker
+#: batch size -> round trips timed for the broker's CPU per round trip
+ROUND_TRIPS = {1: 1000, 8: 500, 64: 100}
 APP = "1"
 
 
@@ -133,6 +141,13 @@ def _wait_bound(endpoint: str, deadline: float) -> None:
             except OSError:
                 time.sleep(0.02)
     raise click.ClickException(f"the broker did not listen on {endpoint} in time")
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of process ``pid`` so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_kib(pid: int | None) -> int:
@@ -257,6 +272,24 @@ def run(workers: int, count: int, endpoint_kind: str, use_curve: bool,
             lambda b, d: sum(w.replies for w in fakes) - sum(b) >= per * workers
             and sum(w.deliveries for w in fakes) - sum(d) >= per * workers * workers)
         out["publishes"]["deliveries_per_second"] = out["publishes"]["per_second"] * workers
+
+        # the broker's CPU per round trip: one batch at a time, each answered first
+        rtt = fakes[0]
+        trips: dict[str, Any] = {}
+        for size, count_trips in ROUND_TRIPS.items():
+            size = min(size, per)
+            before = _cpu_seconds(process.pid)
+            for t in range(count_trips):
+                base = rtt.replies
+                rtt.send([Subscribe(1, APP, f"rt-{size}-{t}-{j}", f"{rtt.prefix}.{j}", None, 0)
+                          for j in range(size)])
+                _wait(fakes, lambda b=base, n=size: rtt.replies >= b + n, 10, "a round trip")
+            used = _cpu_seconds(process.pid) - before
+            trips[str(size)] = {
+                "round_trips": count_trips,
+                "broker_cpu_us_per_round_trip": round(used * 1e6 / count_trips),
+                "broker_cpu_us_per_subscribe": round(used * 1e6 / (count_trips * size), 1)}
+        out["round_trip_cpu"] = trips
 
         # hop latency: worker 0 publishes, worker 1 (or 0) receives the delivery
         sender, receiver = fakes[0], fakes[-1]
