@@ -83,6 +83,11 @@ SPECS: tuple[Spec, ...] = (
          "Gaps seen in the message numbering between workers and the broker"),
     Spec("vask_link_drops", "counter", "",
          "Batches a worker dropped because its queue to the broker was full"),
+    Spec("vask_sibling_events", "counter", "direction",
+         "Client events sent straight to, or received from, the other workers of the "
+         "host (one per sibling), without the broker"),
+    Spec("vask_sibling_drops", "counter", "",
+         "Client events not delivered to a sibling worker because its queue was full"),
     Spec("vask_broker_round_trip_seconds", "histogram", "",
          "Worker request to broker answer (subscribes, API publishes and queries)"),
     Spec("vask_publish_write_seconds", "histogram", "",
@@ -188,7 +193,8 @@ class Histogram:
 class WorkerMetrics:
     """Everything one worker counts, and the snapshot it sends to the broker."""
 
-    __slots__ = ("apps", "depth", "events", "link", "publish_write", "round_trips", "unknown")
+    __slots__ = ("apps", "depth", "events", "link", "publish_write", "round_trips",
+                 "siblings", "unknown")
 
     def __init__(self, app_ids: list[str]) -> None:
         #: per configured app; a connection not yet admitted counts into ``unknown``,
@@ -200,6 +206,8 @@ class WorkerMetrics:
         self.events: Counter[str] = Counter()
         #: the broker link's counts (``BrokerLink.counters``)
         self.link: dict[str, int] = {"link_gaps": 0, "link_drops": 0, "resyncs": 0}
+        #: client events to and from sibling workers (``Siblings.counts``)
+        self.siblings: dict[str, int] = {"sent": 0, "received": 0, "drops": 0}
         self.round_trips = Histogram()
         self.publish_write = Histogram()
         #: messages waiting in the worker's broker link (requests unanswered plus the
@@ -229,6 +237,10 @@ class WorkerMetrics:
         counters["vask_worker_resyncs"] = {"": self.link["resyncs"]}
         counters["vask_link_gaps"] = {"to_worker": self.link["link_gaps"]}
         counters["vask_link_drops"] = {"": self.link["link_drops"]}
+        siblings = self.siblings
+        counters["vask_sibling_events"] = {"sent": siblings["sent"],
+                                           "received": siblings["received"]}
+        counters["vask_sibling_drops"] = {"": siblings["drops"]}
         cpu_ms, rss = process_usage()
         counters[PROCESS_CPU] = {"": cpu_ms}
         return {

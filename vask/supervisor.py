@@ -122,6 +122,13 @@ class Supervisor:
         #: a reload may add some; the sender itself runs only while one has)
         self.webhook_endpoint = f"ipc://{self.runtime_dir}/webhooks.sock" \
             if self.own_broker else ""
+        #: where the workers' sockets for client events between them live, when they are
+        #: the whole cluster (vask.workers.siblings); "" = an external broker may have
+        #: workers on other hosts, so client events go through it
+        self.siblings_dir = os.path.join(self.runtime_dir, "siblings") \
+            if self.own_broker else ""
+        if self.siblings_dir:
+            os.mkdir(self.siblings_dir, 0o700)
         self.shards: list[socket.socket] = []
         self.children: list[Child] = []
         self.wake_r, self.wake_w = os.pipe()
@@ -201,7 +208,8 @@ class Supervisor:
             fd = self.shards[child.slot].fileno()
             process = _fork.Process(
                 target=_worker_main, args=(settings, endpoint, child.slot, fd, parent),
-                kwargs={"settings_path": self.settings_path, "ready_fd": self.ready_w},
+                kwargs={"settings_path": self.settings_path, "ready_fd": self.ready_w,
+                        "siblings_dir": self.siblings_dir},
                 name=f"vask-worker-{child.slot}", daemon=False)
         process.start()
         child.process = process
@@ -598,9 +606,9 @@ def _sender_main(settings: Settings, endpoint: str, store: Path, parent: int) ->
 
 
 def _worker_main(settings: Settings, endpoint: str, slot: int, fd: int, parent: int,
-                 settings_path: str = "", ready_fd: int = -1) -> None:
+                 settings_path: str = "", ready_fd: int = -1, siblings_dir: str = "") -> None:
     _child_setup(f"worker-{slot}", settings)
     from vask.workers.server import run_worker
 
     run_worker(settings, endpoint, slot, fd, parent, settings_path=settings_path,
-               ready_fd=ready_fd)
+               ready_fd=ready_fd, siblings_dir=siblings_dir)

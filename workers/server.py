@@ -49,6 +49,7 @@ from vask.workers.http import LINGER, HttpProtocol, Response, error_response, ht
 from vask.workers.index import ChannelIndex
 from vask.workers.outbound import Corker
 from vask.workers.rosters import Rosters
+from vask.workers.siblings import Siblings
 from vask.workers.tls import reload_context, server_context
 from vask.workers.websocket import CLOSING, OPEN, OPENING, PusherConnection
 
@@ -101,6 +102,9 @@ class Worker:
         self.settings_path = ""
         #: the supervisor's ready pipe: this worker writes its pid there once ready
         self.ready_fd = -1
+        #: the socket client events reach the other workers of this host through, when
+        #: they are the whole cluster (vask.workers.siblings); None: through the broker
+        self.siblings: Siblings | None = None
         #: the TLS context connections are accepted with (None: plain TCP); a reload can
         #: re-read the certificate into it without touching open connections
         #: (vask.workers.tls.reload_context)
@@ -304,6 +308,8 @@ class Worker:
         self._reload_tls(new)
         self.settings = new
         self.link.settings = new
+        if self.siblings is not None:
+            self.siblings.reload(new)
         self.corker.limit = new.write_buffer_limit
         self.admission.reload(new)
         logging.getLogger().setLevel(new.log_level.upper())
@@ -332,7 +338,7 @@ class Worker:
 
 
 def run_worker(settings: Settings, endpoint: str, slot: int, fd: int, parent_pid: int,
-               settings_path: str = "", ready_fd: int = -1) -> None:
+               settings_path: str = "", ready_fd: int = -1, siblings_dir: str = "") -> None:
     """Process entry point (called in the forked child)."""
     import uvloop
 
@@ -345,6 +351,14 @@ def run_worker(settings: Settings, endpoint: str, slot: int, fd: int, parent_pid
         worker.api = ApiAdapter(worker)
         worker.settings_path = settings_path
         worker.ready_fd = ready_fd
-        await worker.serve(sock, parent_pid)
+        if siblings_dir:
+            # before the listener opens: a sibling that lists the directory after this
+            # reaches every client this worker will ever have
+            worker.siblings = Siblings(worker, siblings_dir)
+        try:
+            await worker.serve(sock, parent_pid)
+        finally:
+            if worker.siblings is not None:
+                worker.siblings.close()
 
     uvloop.run(main())

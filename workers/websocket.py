@@ -297,6 +297,10 @@ class PusherConnection(Outbound):
                     self.stats.client_events += 1
                     worker.index.fan_out(message.app, message.channel, message.exclude,
                                          text_frame(message.payload))
+                    siblings = worker.siblings
+                    if siblings is not None and siblings.send(
+                            message.app, message.channel, message.exclude, message.payload):
+                        continue  # the other workers have it; the broker needs nothing
                 worker.link.send(message)
             elif isinstance(action, Bind):
                 worker.index.bind(self, action.channel, action.on)
