@@ -354,7 +354,11 @@ def run_worker(settings: Settings, endpoint: str, slot: int, fd: int, parent_pid
         if siblings_dir:
             # before the listener opens: a sibling that lists the directory after this
             # reaches every client this worker will ever have
-            worker.siblings = Siblings(worker, siblings_dir)
+            try:
+                worker.siblings = Siblings(worker, siblings_dir)
+            except OSError as exc:  # e.g. a socket path over the 107-byte limit
+                log.warning("worker %d: client events go through the broker: cannot "
+                            "listen in %s: %s", slot, siblings_dir, exc)
         try:
             await worker.serve(sock, parent_pid)
         finally:

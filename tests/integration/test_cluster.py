@@ -142,10 +142,10 @@ def test_client_events_reach_every_other_worker_once(server: Server) -> None:
             frame = await client.wait_for("client-typing")
             assert frame == {"event": "client-typing", "channel": "private-chat",
                              "data": {"on": True}}
-        # Every receiver has it, so the broker has handled the sender's publish. A marker
-        # published now reaches each worker after anything that publish made the broker
-        # send there (an echo to the sender, a duplicate), and the sender's worker fans
-        # out locally at once: so neither can arrive after the marker.
+        # Every receiver has it. The sender's worker delivered it locally and sent it to
+        # each other worker (straight, workers/siblings.py) in the same loop turn, so
+        # anything else that event produced (an echo to the sender, a duplicate) was on
+        # its way before the marker, which is published only now.
         await asyncio.to_thread(sdk(server).trigger, "private-chat", "marker", {})
         await sender.absent(lambda f: f.get("event") == "client-typing",
                             marker=lambda f: f.get("event") == "marker")
