@@ -18,7 +18,7 @@ import pytest
 from vask.config import load_settings
 from vask.metrics import WorkerMetrics
 from vask.workers.admission import Admission, websocket_problem
-from vask.workers.http import MAX_PIPELINED, HttpProtocol
+from vask.workers.http import BURST_REQUESTS, MAX_PIPELINED, HttpProtocol
 from vask.workers.outbound import Corker
 
 
@@ -308,3 +308,36 @@ def test_corked_bytes_past_the_high_water_mark_are_written_at_once(
     assert not transport.written  # corked
     conn.queue(b"p" * 100_000)
     assert len(transport.text) == 300_000
+
+
+def test_a_read_of_thousands_of_pipelined_requests_is_answered_a_share_per_turn(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """One read can hold ~13 000 pipelined requests (the loop reads up to 256 KB): they
+    are answered a few hundred per loop turn, in order, with reading paused in between,
+    so other connections get the worker between the shares."""
+    conn, transport = connect(make_worker(loop))
+    requests = b"".join(b"GET /r%d HTTP/1.1\r\n\r\n" % i for i in range(3000))
+    conn.data_received(requests)
+
+    def answered() -> list[bytes]:
+        return [part.split(b"\r\n\r\n", 1)[1] for part in transport.written]
+
+    first = len(answered())
+    assert BURST_REQUESTS < first < 1000  # one share past the burst mark, not all
+    assert not transport.reading
+    shares = 1
+    while len(answered()) < 3000:
+        loop.run_until_complete(asyncio.sleep(0))
+        shares += 1
+        assert shares < 100
+    assert answered() == [b"/r%d" % i for i in range(3000)]
+    loop.run_until_complete(asyncio.sleep(0))
+    assert transport.reading and conn.held == b""
+
+
+def test_a_large_body_is_parsed_in_one_turn(loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport = connect(make_worker(loop))
+    body = b"b" * 500_000
+    conn.data_received(b"POST /x HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert status_of(transport) == 200
+    assert transport.reading
