@@ -70,14 +70,14 @@ NO_SEQ = bytes(8)
 #: Connection churn (subscribes, unsubscribes, closes) is what a connect or reconnect
 #: storm is made of. A round trip on the link wakes six threads (each end's ZeroMQ I/O
 #: thread twice, the broker, the worker), and measured on a 2-core VM the broker alone
-#: spends about 250 us of CPU per round trip whatever it carries, against about 25 us of
-#: work per subscribe (docs/benchmarks.md, fourth pass). So churn waits up to ``churn_linger``
-#: (a setting, 10 ms by default) for more of its kind while the link is busy, i.e. when
-#: something was sent within that time: a storm's subscribes then travel and are
-#: answered dozens at a time. On a quiet link churn leaves at the end of its loop turn,
-#: so a lone subscribe is not delayed. Anything else queued (a publish, a client event,
-#: a query) sends the batch at the end of the current turn, churn included, so nothing
-#: else waits and order is kept.
+#: spends about 400 us of CPU on a round trip that carries one subscribe, and 2.4 ms on
+#: one that carries 64 (``vask bench broker``, docs/benchmarks.md, fourth pass). So churn
+#: waits up to ``churn_linger`` (a setting, 10 ms by default) for more of its kind while
+#: the link is busy, i.e. when something was sent within that time: a storm's
+#: subscribes then travel and are answered dozens at a time. On a quiet link churn
+#: leaves at the end of its loop turn, so a lone subscribe is not delayed. Anything
+#: else queued (a publish, a client event, a query) sends the batch at the end of the
+#: current turn, churn included, so nothing else waits and order is kept.
 _CHURN = (Subscribe, Unsubscribe, ConnClose)
 ReplyCallback = Callable[[dict[str, Any] | None], None]
 
