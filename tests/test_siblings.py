@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -61,9 +62,14 @@ def make(loop: asyncio.AbstractEventLoop, directory: Path, name: str,
         os.getpid = real  # type: ignore[assignment]
 
 
-def settle(loop: asyncio.AbstractEventLoop, turns: int = 20) -> None:
-    for _ in range(turns):
+def settle(loop: asyncio.AbstractEventLoop, done: Any = None, timeout: float = 10.0) -> None:
+    """Run the loop until ``done()`` (or, without it, for 0.1 s); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    turns = 0
+    while (done is None and turns < 20) or (done is not None and not done()):
+        assert time.monotonic() < deadline, "not settled in time"
         loop.run_until_complete(asyncio.sleep(0.005))
+        turns += 1
 
 
 def delivered(s: Siblings) -> list[tuple[str, str, str, bytes]]:
@@ -74,7 +80,7 @@ def test_a_client_event_reaches_every_sibling_once_and_not_the_sender(
         loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
     a, b, c = (make(loop, tmp_path, n) for n in ("101", "102", "103"))
     assert a.send("1", "private-chat", "101.7", PAYLOAD)
-    settle(loop)
+    settle(loop, lambda: delivered(b) and delivered(c))
     expected = [("1", "private-chat", "101.7", text_frame(PAYLOAD))]
     assert delivered(b) == expected
     assert delivered(c) == expected
@@ -92,7 +98,7 @@ def test_many_events_arrive_in_order_and_whole(loop: asyncio.AbstractEventLoop,
     sent = [f'{{"n":{i}}}'.encode() + (big if i % 50 == 0 else b"") for i in range(500)]
     for payload in sent:
         assert a.send("1", "presence-room", "", payload)
-    settle(loop, 60)
+    settle(loop, lambda: len(delivered(b)) >= len(sent))
     assert [d[3] for d in delivered(b)] == [text_frame(p) for p in sent]
     a.close()
     b.close()
@@ -108,7 +114,7 @@ def test_a_sibling_that_starts_later_gets_the_next_event(
     # leaves the directory's time as a listed it. Make it so, every time.
     os.utime(tmp_path, ns=(listed, listed))
     assert a.send("1", "private-a", "", b"2")
-    settle(loop)
+    settle(loop, lambda: delivered(c) and len(delivered(b)) >= 2)
     assert [d[3] for d in delivered(c)] == [text_frame(b"2")]
     assert [d[3] for d in delivered(b)] == [text_frame(b"1"), text_frame(b"2")]
     for s in (a, b, c):
@@ -119,7 +125,7 @@ def test_a_sibling_that_stopped_is_let_go_and_a_dead_socket_removed(
         loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
     a, b = make(loop, tmp_path, "401"), make(loop, tmp_path, "402")
     assert a.send("1", "private-a", "", b"1")
-    settle(loop)
+    settle(loop, lambda: delivered(b))
     b.close()
     # a worker killed without cleaning up: its socket file stays, nobody listens
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -127,7 +133,7 @@ def test_a_sibling_that_stopped_is_let_go_and_a_dead_socket_removed(
     dead.close()
     c = make(loop, tmp_path, "403")
     assert a.send("1", "private-a", "", b"2")
-    settle(loop)
+    settle(loop, lambda: delivered(c))
     assert sorted(os.path.basename(p) for p in a.peers) == ["403"]
     assert sorted(os.listdir(tmp_path)) == ["401", "403"]  # the dead one is removed
     assert [d[3] for d in delivered(c)] == [text_frame(b"2")]
@@ -185,7 +191,15 @@ def test_a_stream_claiming_a_huge_message_is_cut(loop: asyncio.AbstractEventLoop
     rogue = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     rogue.connect(str(tmp_path / "702"))
     rogue.sendall((siblings_module.MAX_MESSAGE + 1).to_bytes(4, "big") + b"....")
-    settle(loop)
+    rogue.setblocking(False)
+
+    def cut() -> bool:
+        try:
+            return rogue.recv(1) == b""  # b closed its end
+        except BlockingIOError:
+            return False
+
+    settle(loop, cut)
     assert b.inbound == {}
     assert delivered(b) == []
     rogue.close()
