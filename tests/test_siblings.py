@@ -141,6 +141,20 @@ def test_a_sibling_that_stopped_is_let_go_and_a_dead_socket_removed(
     c.close()
 
 
+def test_a_socket_is_listed_only_once_it_listens(loop: asyncio.AbstractEventLoop,
+                                                 tmp_path: Path) -> None:
+    """A sibling starting up binds under a hidden name: one seen before it listens
+    would be refused, taken for dead and removed, and never reached again."""
+    a = make(loop, tmp_path, "801")
+    starting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    starting.bind(str(tmp_path / ".802"))  # bound, not yet listening
+    assert a.send("1", "private-a", "", b"1")
+    assert a.peers == {}
+    assert sorted(os.listdir(tmp_path)) == [".802", "801"]  # not taken for dead
+    starting.close()
+    a.close()
+
+
 def test_an_app_with_client_event_webhooks_goes_through_the_broker(
         loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
     settings = load_settings(env={})

@@ -89,10 +89,15 @@ class Siblings:
         self.path = os.path.join(directory, self.name)
         listener = self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.setblocking(False)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # left by an earlier process with our pid
-        listener.bind(self.path)
+        # Bound under a hidden name and renamed once it listens: a sibling that saw the
+        # socket between bind and listen would be refused, and take it for a dead one.
+        hidden = os.path.join(directory, f".{self.name}")
+        for stale in (hidden, self.path):  # left by an earlier process with our pid
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+        listener.bind(hidden)
         listener.listen(256)
+        os.rename(hidden, self.path)
         #: siblings we send to, by socket path
         self.peers: dict[str, _Peer] = {}
         #: the directory's modification time when ``peers`` was last matched to it
@@ -164,6 +169,7 @@ class Siblings:
             names = set(os.listdir(self.directory))
         except OSError:
             names = set()
+        names = {n for n in names if not n.startswith(".")}  # not listening yet
         names.discard(self.name)
         for path, peer in list(self.peers.items()):
             if os.path.basename(path) not in names:
