@@ -12,7 +12,8 @@ a Unix stream socket (one ``send`` each, from the event loop's thread), and to t
 broker not at all:
 
 * Each worker listens on a socket in the supervisor's private runtime directory
-  (``siblings/<pid>``) before it accepts connections, and removes it when it stops.
+  (``siblings/<pid>``, bound under a hidden name and renamed once it listens) before it
+  accepts connections, and removes it when it stops.
 * A sender lists the directory again whenever its modification time changed (one
   ``stat`` per client event) and connects to the sockets it has not met, at once: a
   connection to a listening Unix socket is complete when ``connect`` returns, and what
