@@ -119,7 +119,6 @@ class HttpProtocol(Outbound):
         "body_size",
         "head_bytes",
         "headers",
-        "held",
         "idle_since",
         "in_head",
         "in_request",
@@ -155,8 +154,6 @@ class HttpProtocol(Outbound):
         self.overflow = False
         #: responses not yet written, in request order, with their keep-alive flag
         self.pipeline: deque[tuple[Response, bool]] | None = None
-        #: the part of a read beyond HTTP_SHARE, parsed on the next loop turn
-        self.held = b""
         self.running: asyncio.Task[None] | None = None
         self.refusal: _Refused | None = None
         #: requests completed in the current read
@@ -182,6 +179,7 @@ class HttpProtocol(Outbound):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.worker.connections.discard(self)
+        self.worker.held.pop(self, None)
         self.worker.admission.tcp_closed(self.peer)
         self.transport = None
         self.parser = None
@@ -218,10 +216,7 @@ class HttpProtocol(Outbound):
                 self.refuse(400, f"Malformed HTTP request: {exc}")
             return
         if rest and self.parser is not None:
-            # a read full of pipelined requests: others first, the rest next turn
-            self.held = rest
-            self.pause(PAUSED_BURST)
-            self.worker.loop.call_soon(self._go_on)
+            self.hold(rest)  # a read full of pipelined requests: others first
         elif self.requests > BURST_REQUESTS:
             self.pause_for_a_turn()  # the same, with nothing left over
         if self.in_head and not self.began:
@@ -233,14 +228,10 @@ class HttpProtocol(Outbound):
             if self.head_bytes > limit:
                 self.refuse(431, f"Request head larger than {limit} bytes")
 
-    def _go_on(self) -> None:
-        """Parse the next share of a read that was held (see HTTP_SHARE)."""
-        rest, self.held = self.held, b""
-        if self.transport is None or self.parser is None:
-            return  # closed, answered for good, or upgraded meanwhile
-        self.data_received(rest)
-        if not self.held and self.transport is not None:
-            self.resume(PAUSED_BURST)
+    def take_up(self, rest: bytes) -> None:
+        """The rest of a read that was held (see HTTP_SHARE)."""
+        if self.parser is not None:  # else answered for good meanwhile
+            self.data_received(rest)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too (answers already queued are still sent)

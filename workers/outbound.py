@@ -25,7 +25,7 @@ nothing is written until it ends.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vask.workers.wsframe import text_frame
 
@@ -75,6 +75,30 @@ class Outbound(asyncio.Protocol):
         if not self.paused & PAUSED_BURST:
             self.pause(PAUSED_BURST)
             self.worker.loop.call_soon(self.resume, PAUSED_BURST)
+
+    def hold(self, rest: Any) -> None:
+        """Keep what is left of a long read and stop reading: everyone else gets the
+        loop before :meth:`take_up` handles the next share. One read can carry thousands
+        of small frames or pipelined requests (the event loop reads up to 256 KB at a
+        time), and handling them all at once would stall every other connection of the
+        worker for as long. The worker keeps it (``Worker.held``), so a connection
+        without a burst pays no slot for it."""
+        worker = self.worker
+        worker.held[self] = rest
+        self.pause(PAUSED_BURST)
+        worker.loop.call_soon(self._go_on)
+
+    def _go_on(self) -> None:
+        rest = self.worker.held.pop(self, None)
+        if rest is None or self.transport is None:
+            return  # the connection was lost (or handed on) meanwhile
+        self.take_up(rest)
+        if self not in self.worker.held:
+            self.resume(PAUSED_BURST)
+
+    def take_up(self, rest: Any) -> None:
+        """Handle the next share of what :meth:`hold` kept."""
+        raise NotImplementedError
 
     def resume(self, reason: int) -> None:
         if not self.paused & reason:

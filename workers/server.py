@@ -47,7 +47,7 @@ from vask.workers.broker_sync import BrokerSync
 from vask.workers.console import ConsoleRecorder
 from vask.workers.http import LINGER, HttpProtocol, Response, error_response, http_response
 from vask.workers.index import ChannelIndex
-from vask.workers.outbound import Corker
+from vask.workers.outbound import Corker, Outbound
 from vask.workers.rosters import Rosters
 from vask.workers.siblings import Siblings
 from vask.workers.tls import reload_context, server_context
@@ -76,8 +76,8 @@ class Worker:
         self.by_socket_id: dict[str, PusherConnection] = {}
         #: websockets protocols between frames, shared by connections
         self.ws_pool: list[ServerProtocol] = []
-        #: the rest of a burst each connection holds for the next turn (see PusherConnection._hold)
-        self.held: dict[PusherConnection, bytes | list[Any]] = {}
+        #: the rest of a long read each connection holds for the next turn (Outbound.hold)
+        self.held: dict[Outbound, Any] = {}
         self.clock = time.monotonic()
         self.wall = time.time()
         #: every figure this worker counts, sent to the broker with each heartbeat

@@ -32,7 +32,7 @@ from vask import frames
 from vask.envelope import Publish
 from vask.metrics import AppStats
 from vask.session import Ask, Bind, Close, PusherSession, Send, Tell
-from vask.workers.outbound import PAUSED_BURST, Outbound
+from vask.workers.outbound import Outbound
 from vask.workers.wsframe import text_frame
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class PusherConnection(Outbound):
 
     def _ingest(self, data: bytes) -> None:
         """Handle at most :data:`BURST_FRAMES` frames of ``data`` now; hold the rest for
-        the next loop turn (:meth:`_hold`)."""
+        the next loop turn (:meth:`Outbound.hold`)."""
         budget = BURST_FRAMES
         if self.ws is None and self.phase == OPEN and self.fragments is None:
             fast, rest = self._fast_frames(data)
@@ -122,7 +122,7 @@ class PusherConnection(Outbound):
                     self.pause_for_a_turn()
                 return
             if fast >= BURST_FRAMES:
-                self._hold(rest)
+                self.hold(rest)
                 return
             data = rest
             budget -= fast
@@ -131,30 +131,15 @@ class PusherConnection(Outbound):
         ws.receive_data(data)
         self._frames(ws, ws.events_received(), budget)
 
-    def _hold(self, rest: bytes | list[Any]) -> None:
-        """Keep what is left of a burst (raw bytes, or frames websockets already parsed)
-        and stop reading: everyone else gets the loop before :meth:`_go_on` handles the
-        next share. One read can carry thousands of small frames (the event loop reads
-        up to 256 KB at a time), and handling them all at once would stall every other
-        connection of the worker for as long. The worker keeps it (``Worker.held``), so
-        a connection without a burst pays no slot for it."""
-        worker = self.worker
-        worker.held[self] = rest
-        self.pause(PAUSED_BURST)
-        worker.loop.call_soon(self._go_on)
-
-    def _go_on(self) -> None:
-        rest = self.worker.held.pop(self, None)
-        if rest is None or self.transport is None:
-            return  # the connection was lost meanwhile
+    def take_up(self, rest: bytes | list[Any]) -> None:
+        """The rest of a burst (see :meth:`Outbound.hold`): raw bytes, or frames
+        websockets already parsed."""
         if isinstance(rest, list):
             # held frames keep ``unparsed`` above zero, so ws was not released
             assert self.ws is not None
             self._frames(self.ws, rest, BURST_FRAMES)
         else:
             self._ingest(rest)
-        if self not in self.worker.held:
-            self.resume(PAUSED_BURST)
 
     def eof_received(self) -> bool | None:
         self.protocol().receive_eof()
@@ -232,7 +217,7 @@ class PusherConnection(Outbound):
         """Handle up to ``budget`` of the frames websockets parsed; hold the rest."""
         for done, frame in enumerate(events):
             if done == budget:
-                self._hold(events[done:])
+                self.hold(events[done:])
                 break
             if not isinstance(frame, Frame):  # an OPEN protocol only yields frames
                 continue

@@ -42,6 +42,7 @@ import zmq
 import zmq.auth
 
 from vask import envelope
+from vask.bench.procstat import cpu_seconds
 from vask.config import App, Settings
 from vask.envelope import (
     ENVELOPE_VERSION,
@@ -141,13 +142,6 @@ def _wait_bound(endpoint: str, deadline: float) -> None:
             except OSError:
                 time.sleep(0.02)
     raise click.ClickException(f"the broker did not listen on {endpoint} in time")
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    """CPU time (user + system) of process ``pid`` so far, all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_kib(pid: int | None) -> int:
@@ -275,16 +269,18 @@ def run(workers: int, count: int, endpoint_kind: str, use_curve: bool,
 
         # the broker's CPU per round trip: one batch at a time, each answered first
         rtt = fakes[0]
+        broker_pid = process.pid
+        assert broker_pid is not None  # started above
         trips: dict[str, Any] = {}
         for size, count_trips in ROUND_TRIPS.items():
             size = min(size, per)
-            before = _cpu_seconds(process.pid)
+            before = cpu_seconds(broker_pid)
             for t in range(count_trips):
                 base = rtt.replies
                 rtt.send([Subscribe(1, APP, f"rt-{size}-{t}-{j}", f"{rtt.prefix}.{j}", None, 0)
                           for j in range(size)])
                 _wait(fakes, lambda b=base, n=size: rtt.replies >= b + n, 10, "a round trip")
-            used = _cpu_seconds(process.pid) - before
+            used = cpu_seconds(broker_pid) - before
             trips[str(size)] = {
                 "round_trips": count_trips,
                 "broker_cpu_us_per_round_trip": round(used * 1e6 / count_trips),
