@@ -67,7 +67,7 @@ from vask.envelope import (
     TerminateUser,
     Unsubscribe,
 )
-from vask.process import die_with_parent
+from vask.process import die_with_parent, freeze_startup_objects
 from vask.reload import read_settings_file
 from vask.zmqsend import send_frames
 
@@ -711,6 +711,7 @@ def serve(settings: Settings, endpoint: str, parent_pid: int = 0,
     broker = Broker(settings, endpoint, control_fd, webhook_endpoint)
     broker.every_beat = every_beat
     broker.settings_path = settings_path
+    freeze_startup_objects()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         broker.stop()

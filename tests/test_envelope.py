@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from vask import envelope
@@ -106,11 +107,54 @@ def test_bad_messages_are_refused(frames: list[bytes], problem: str) -> None:
 def test_batches_round_trip_and_single_messages_stay_unwrapped() -> None:
     encoded = [envelope.encode(m) for m in SAMPLES]
     frames = envelope.encode_batch(encoded)
-    assert frames[0] == envelope.BATCH
+    assert len(frames) == 1 and frames[0].startswith(envelope.PACK)  # one packed frame
     assert envelope.decode_many(frames) == SAMPLES
     single = envelope.encode_batch(encoded[:1])
     assert single == encoded[0]
     assert envelope.decode_many(single) == SAMPLES[:1]
+
+
+def test_the_multi_frame_batches_of_version_3_are_still_read() -> None:
+    encoded = [envelope.encode(m) for m in SAMPLES]
+    frames = [envelope.BATCH, orjson.dumps([len(m) for m in encoded])]
+    for message in encoded:
+        frames.extend(message)
+    assert envelope.decode_many(frames) == SAMPLES
+
+
+def _pack(*messages: list[bytes], count: int | None = None) -> bytes:
+    out = envelope.PACK + (len(messages) if count is None else count).to_bytes(4, "big")
+    for frames in messages:
+        out += bytes([len(frames)])
+        for frame in frames:
+            out += len(frame).to_bytes(4, "big") + frame
+    return out
+
+
+_HB = [b"HB", b"[1]"]
+
+
+@pytest.mark.parametrize("packed", [
+    envelope.PACK,  # no count
+    envelope.PACK + b"\x00\x00",  # a short count
+    _pack(_HB, count=2),  # fewer messages than the count says
+    _pack(_HB)[:-1],  # the last frame cut short
+    _pack(_HB) + b"x",  # bytes after the last message
+    _pack([b"HB"]),  # one frame
+    _pack([b"HB", b"[1]", b"a", b"b"]),  # four frames
+    _pack(_HB).replace(b"\x00\x00\x00\x03[1]", b"\x00\x00\x01\x00[1]"),  # a length past the end
+])
+def test_bad_packed_batches_are_refused(packed: bytes) -> None:
+    with pytest.raises(EnvelopeError, match="PACK"):
+        envelope.decode_many([packed])
+    with pytest.raises(EnvelopeError, match="PACK"):
+        envelope.Reader([packed])
+
+
+def test_a_packed_batch_decodes_like_the_messages_in_it() -> None:
+    encoded = [envelope.encode(m) for m in SAMPLES]
+    assert envelope.decode_many([_pack(*encoded)]) == SAMPLES
+    assert envelope.encode_batch(encoded) == [_pack(*encoded)]
 
 
 @pytest.mark.parametrize("frames", [

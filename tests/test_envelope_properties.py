@@ -195,6 +195,30 @@ def test_batches_raise_only_envelope_errors_and_the_reader_skips_bad_messages(
     assert taken == len(orjson.loads(frames[1]))
 
 
+@FAST
+@given(st.binary(max_size=80), st.lists(st.lists(st.binary(max_size=12), min_size=0,
+                                                  max_size=4), max_size=4),
+       st.integers(0, 6), st.booleans())
+def test_packed_batches_raise_only_envelope_errors(
+        noise: bytes, messages: list[list[bytes]], count: int, well_framed: bool) -> None:
+    """Any packed frame, well framed or not: an EnvelopeError or messages, and the
+    reader steps over bad ones."""
+    if well_framed:
+        body = b"".join(bytes([len(m) % 256]) + b"".join(
+            len(f).to_bytes(4, "big") + f for f in m) for m in messages)
+        packed = envelope.PACK + count.to_bytes(4, "big") + body
+    else:
+        packed = envelope.PACK + noise
+    only_envelope_errors([packed])
+    try:
+        reader = envelope.Reader([packed])
+    except EnvelopeError:
+        return
+    while reader.remaining:
+        with contextlib.suppress(EnvelopeError):
+            reader.next()
+
+
 # --- round trips ----------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 
@@ -34,3 +35,16 @@ def set_process_name(name: str) -> None:
         libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive after startup (modules, classes, functions, settings) out
+    of the cyclic garbage collector's reach.
+
+    A process that holds thousands of connections runs full collections now and then,
+    and each walks every tracked object: the tens of thousands made at import time, which
+    live as long as the process, would be walked every time for nothing. Frozen, they are
+    not (nor are their pages of the forked parent's memory written to by the walk).
+    """
+    gc.collect()
+    gc.freeze()

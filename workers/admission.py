@@ -71,7 +71,7 @@ def websocket_problem(target: str, apps_by_key: dict[str, App],
         return 4006, "Invalid version string format"
     if not 4 <= int(protocol) <= 7:
         return 4007, "Unsupported protocol version"
-    app = apps_by_key.get(unquote(path[5:]))
+    app = apps_by_key.get(_unquoted(path[5:]))
     if app is None:
         return 4001, "Application does not exist"
     if not app.enabled:
@@ -175,8 +175,13 @@ def _query_value(query: str, name: str, default: str) -> str:
     prefix = name + "="
     for part in query.split("&"):
         if part.startswith(prefix):
-            return unquote(part[len(prefix):])
+            return _unquoted(part[len(prefix):])
     return default
+
+
+def _unquoted(text: str) -> str:
+    """``text`` with %-escapes decoded (without a call when it has none)."""
+    return unquote(text) if "%" in text else text
 
 
 class Admission:
@@ -249,7 +254,7 @@ class Admission:
         allow-list, and the per-address cap for a client behind a trusted proxy.
         (status, message) if it must be refused."""
         path = target.partition("?")[0]
-        app = self.apps_by_key.get(unquote(path[5:])) if path.startswith("/app/") else None
+        app = self.apps_by_key.get(_unquoted(path[5:])) if path.startswith("/app/") else None
         if app is not None and app.allowed_origins:
             origin = next((v for n, v in headers if n.lower() == b"origin"), None)
             # No Origin: not a browser. Any other client can send whatever Origin it

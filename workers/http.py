@@ -30,7 +30,6 @@ with unread input makes the kernel send a reset, and the client would lose the a
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import logging
 import time
@@ -118,6 +117,7 @@ class HttpProtocol(Outbound):
         "body",
         "body_size",
         "head_bytes",
+        "header_bytes",
         "headers",
         "idle_since",
         "in_head",
@@ -150,6 +150,8 @@ class HttpProtocol(Outbound):
         self.in_head = False
         self.began = False
         self.head_bytes = 0
+        #: bytes of the current request's header lines (names, values, ": ", CRLF)
+        self.header_bytes = 0
         self.lingering = False
         self.overflow = False
         #: responses not yet written, in request order, with their keep-alive flag
@@ -267,7 +269,7 @@ class HttpProtocol(Outbound):
         # the fine clock: the worker's coarse one may be a second old, and a deadline
         # counted from it would fire up to a second early
         self.started = time.monotonic()
-        self.head_bytes = 0
+        self.head_bytes = self.header_bytes = 0
         self.url = b""
         self.headers = []
         self.body = []
@@ -280,13 +282,16 @@ class HttpProtocol(Outbound):
             self._stop(414, f"Request target longer than {limit} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        if len(self.headers) > MAX_HEADERS:
+        # names are kept in lower case: every reader compares them so
+        headers = self.headers
+        headers.append((name.lower(), value))
+        self.header_bytes += len(name) + len(value) + 4
+        if len(headers) > MAX_HEADERS:
             self._stop(431, f"More than {MAX_HEADERS} request headers")
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        size = len(self.url) + self.header_bytes
         limit = self.worker.settings.max_request_head_bytes
         if size > limit:
             self._stop(431, f"Request head larger than {limit} bytes")
@@ -419,7 +424,7 @@ class HttpProtocol(Outbound):
         if self.pipeline is not None:
             self.refuse(400, "An upgrade must not follow pipelined requests")
             return
-        headers = {name.lower(): value for name, value in self.headers}
+        headers = dict(self.headers)  # names are in lower case (on_header)
         problem = handshake_problem(parser.get_method(), parser.get_http_version(), headers)
         if problem is not None:
             self.refuse(*problem)
@@ -488,16 +493,20 @@ def handshake_problem(
         return 405, "WebSocket handshakes must use GET", (("Allow", "GET"),)
     if version != "1.1":
         return 400, "WebSocket handshakes need HTTP/1.1", ()
-    if b"websocket" not in _tokens(headers.get(b"upgrade", b"")):
+    # (the usual single-token values are checked without splitting the list)
+    upgrade = headers.get(b"upgrade", b"")
+    if upgrade.lower() != b"websocket" and b"websocket" not in _tokens(upgrade):
         return 426, "Upgrade: websocket is required", (("Upgrade", "websocket"),)
-    if b"upgrade" not in _tokens(headers.get(b"connection", b"")):
+    connection = headers.get(b"connection", b"")
+    if connection.lower() != b"upgrade" and b"upgrade" not in _tokens(connection):
         return 400, "Connection: Upgrade is required", ()
     if headers.get(b"sec-websocket-version", b"").strip() != b"13":
         return 426, "Only WebSocket version 13 is supported", (("Sec-WebSocket-Version", "13"),)
     key = headers.get(b"sec-websocket-key", b"").strip()
     try:
-        valid = len(base64.b64decode(key, validate=True)) == 16
-    except (binascii.Error, ValueError):
+        # strict: only the base64 alphabet, with correct padding
+        valid = len(binascii.a2b_base64(key, strict_mode=True)) == 16
+    except binascii.Error:
         valid = False
     if not valid:
         return 400, "Sec-WebSocket-Key must be 16 bytes in base64", ()

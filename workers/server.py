@@ -38,7 +38,7 @@ from websockets.server import ServerProtocol
 
 from vask.config import Settings
 from vask.metrics import WorkerMetrics
-from vask.process import STARTUP_FAILURE, die_with_parent
+from vask.process import STARTUP_FAILURE, die_with_parent, freeze_startup_objects
 from vask.reload import app_verdict, read_settings_file
 from vask.workers.admission import Admission
 from vask.workers.api_adapter import ApiAdapter
@@ -365,4 +365,5 @@ def run_worker(settings: Settings, endpoint: str, slot: int, fd: int, parent_pid
             if worker.siblings is not None:
                 worker.siblings.close()
 
+    freeze_startup_objects()
     uvloop.run(main())
