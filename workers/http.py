@@ -35,6 +35,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -117,7 +118,6 @@ class HttpProtocol(Outbound):
         "body",
         "body_size",
         "head_bytes",
-        "header_bytes",
         "headers",
         "idle_since",
         "in_head",
@@ -150,8 +150,6 @@ class HttpProtocol(Outbound):
         self.in_head = False
         self.began = False
         self.head_bytes = 0
-        #: bytes of the current request's header lines (names, values, ": ", CRLF)
-        self.header_bytes = 0
         self.lingering = False
         self.overflow = False
         #: responses not yet written, in request order, with their keep-alive flag
@@ -269,7 +267,7 @@ class HttpProtocol(Outbound):
         # the fine clock: the worker's coarse one may be a second old, and a deadline
         # counted from it would fire up to a second early
         self.started = time.monotonic()
-        self.head_bytes = self.header_bytes = 0
+        self.head_bytes = 0
         self.url = b""
         self.headers = []
         self.body = []
@@ -285,13 +283,14 @@ class HttpProtocol(Outbound):
         # names are kept in lower case: every reader compares them so
         headers = self.headers
         headers.append((name.lower(), value))
-        self.header_bytes += len(name) + len(value) + 4
         if len(headers) > MAX_HEADERS:
             self._stop(431, f"More than {MAX_HEADERS} request headers")
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        size = len(self.url) + self.header_bytes
+        headers = self.headers
+        # each header line: name, ": ", value, CRLF
+        size = len(self.url) + sum(map(len, chain.from_iterable(headers))) + 4 * len(headers)
         limit = self.worker.settings.max_request_head_bytes
         if size > limit:
             self._stop(431, f"Request head larger than {limit} bytes")

@@ -191,6 +191,11 @@ class PusherConnection(Outbound):
         decoding refuses invalid UTF-8 with a ``pusher:error``.
         """
         n = len(data)
+        if 6 <= n < 132 and data[0] == 0x81 and data[1] ^ 0x80 == n - 6:
+            # the commonest read of all: exactly one short frame (a subscribe, a pong;
+            # max_message_bytes is at least 1024, so it is within the limit)
+            self._text(apply_mask(data[6:], data[2:6]))
+            return 1, b""
         pos = count = 0
         limit = self.worker.settings.max_message_bytes
         while count < BURST_FRAMES and self.phase == OPEN and self.ws is None:
