@@ -258,3 +258,16 @@ def test_the_reader_decodes_one_message_at_a_time_and_steps_over_bad_ones() -> N
     # decode_many keeps its all-or-nothing contract
     with pytest.raises(EnvelopeError):
         envelope.decode_many(envelope.encode_batch([good[0], bad]))
+
+
+def test_a_request_is_encoded_with_the_request_id_given() -> None:
+    from vask.envelope import Query, Subscribe
+    message = Subscribe(0, "1", "presence-r", "1.1", ["u", {"a": 1}], 100)
+    assert envelope.encode_request(message, 42) == envelope.encode(
+        Subscribe(42, "1", "presence-r", "1.1", ["u", {"a": 1}], 100))
+    assert envelope.decode(envelope.encode_request(message, 7)).rid == 7  # type: ignore[attr-defined]
+    query = Query(0, "1", "channels", {"filter_by_prefix": "presence-"})
+    assert envelope.encode_request(query, 3) == envelope.encode(
+        Query(3, "1", "channels", {"filter_by_prefix": "presence-"}))
+    with pytest.raises(TypeError):
+        envelope.encode_request(envelope.Heartbeat(1), 1)  # type: ignore[attr-defined]

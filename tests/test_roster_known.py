@@ -6,6 +6,7 @@ session, channel index and rosters on a minimal worker; a fake link records requ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,9 +29,12 @@ class FakeLink:
         self.requests: list[tuple[Verb, Callable[[dict[str, Any] | None], None]]] = []
         self.sent: list[Verb] = []
 
-    def request(self, make: Callable[[int], Verb],
+    def request(self, make: Callable[[int], Verb] | Verb,
                 callback: Callable[[dict[str, Any] | None], None]) -> None:
-        self.requests.append((make(len(self.requests) + 1), callback))
+        rid = len(self.requests) + 1
+        # a message is sent with its request id set (BrokerLink.request)
+        message = dataclasses.replace(make, rid=rid) if isinstance(make, Verb) else make(rid)
+        self.requests.append((message, callback))
 
     def send(self, message: Verb) -> None:
         self.sent.append(message)

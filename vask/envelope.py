@@ -492,6 +492,23 @@ def encode(message: Verb) -> list[bytes]:
     return [cls.VERB, header, getattr(message, payload_field)]
 
 
+#: verbs whose first field is a request id (``rid``)
+REQUESTS = frozenset(cls for cls, names in _FIELDS.items() if names and names[0] == "rid")
+
+
+def encode_request(message: Verb, rid: int) -> list[bytes]:
+    """``encode(message)`` with its request id (its first field) set to ``rid``, without
+    building a copy of the message for it."""
+    cls = type(message)
+    if cls not in REQUESTS:
+        raise TypeError(f"{cls.__name__} carries no request id")
+    header = orjson.dumps((rid, *_HEADERS[cls](message)[1:]))
+    payload_field = cls.PAYLOAD
+    if payload_field is None:
+        return [cls.VERB, header]
+    return [cls.VERB, header, getattr(message, payload_field)]
+
+
 def decode(frames: list[bytes]) -> Verb:
     """Parse multipart ``frames`` (without identity) back into a verb object.
 

@@ -366,11 +366,14 @@ class BrokerLink:
         the link is busy."""
         if self.closed:
             return
-        self.outbox.append(envelope.encode(message))
+        self._queue(envelope.encode(message), type(message))
+
+    def _queue(self, frames: list[bytes], verb: type[Verb]) -> None:
+        self.outbox.append(frames)
         if self.flush_now:
             return
         timer = self.flush_timer
-        if type(message) in _CHURN:
+        if verb in _CHURN:
             if timer is None:
                 linger = self.settings.churn_linger
                 if linger > 0 and self.loop.time() - self.last_flush < linger:
@@ -414,9 +417,11 @@ class BrokerLink:
             self.drain_scheduled = True
             self.loop.call_soon(self.drain)
 
-    def request(self, make: Callable[[int], Verb], callback: ReplyCallback,
+    def request(self, make: Callable[[int], Verb] | Verb, callback: ReplyCallback,
                 timeout: float | None = None) -> None:
-        """Send ``make(rid)``; call ``callback(body)``, or ``callback(None)`` on timeout."""
+        """Send ``make(rid)``, or the message ``make`` with its request id (its first
+        field) set to ``rid``; call ``callback(body)``, or ``callback(None)`` on
+        timeout."""
         if not self.welcomed:
             callback(None)
             return
@@ -425,7 +430,11 @@ class BrokerLink:
         wait = timeout if timeout is not None else self.settings.broker_timeout
         now = time.monotonic()
         self.pending[rid] = (callback, now + wait, now)
-        self.send(make(rid))
+        if isinstance(make, Verb):
+            if not self.closed:
+                self._queue(envelope.encode_request(make, rid), type(make))
+        else:
+            self.send(make(rid))
 
     async def ask(self, make: Callable[[int], Verb],
                   timeout: float | None = None) -> dict[str, Any]:

@@ -176,11 +176,7 @@ class BrokerSync:
                         worker.index.fan_out(key[0], key[1], message.socket_id,
                                              text_frame(payload))
 
-        link.request(
-            lambda rid: Subscribe(rid, message.app, message.channel, message.socket_id,
-                                  message.member, message.max_members),
-            answered,
-        )
+        link.request(message, answered)  # sent with a fresh request id
 
     def _ask_roster(self, key: tuple[str, str],
                     then: Callable[[dict[str, Any] | None], None]) -> None:

@@ -278,8 +278,14 @@ class PusherConnection(Outbound):
         if console is not None:
             console.actions(self, actions)
         for action in actions:
-            if isinstance(action, Send):
+            kind = type(action)  # (the action classes are final: no subclasses)
+            if kind is Send:
                 self.send(action.frame)
+            elif kind is Bind:
+                worker.index.bind(self, action.channel, action.on)
+            elif kind is Ask:
+                self.registered = True
+                worker.sync.subscribe(self, action.message)
             elif isinstance(action, Tell):
                 self.registered = True
                 message = action.message
@@ -292,11 +298,6 @@ class PusherConnection(Outbound):
                             message.app, message.channel, message.exclude, message.payload):
                         continue  # the other workers have it; the broker needs nothing
                 worker.link.send(message)
-            elif isinstance(action, Bind):
-                worker.index.bind(self, action.channel, action.on)
-            elif isinstance(action, Ask):
-                self.registered = True
-                worker.sync.subscribe(self, action.message)
             elif isinstance(action, Close):
                 self.close(action.code, action.reason)
 
