@@ -772,8 +772,8 @@ def behind_adapter() -> tuple[ApiAdapter, asyncio.Event, list[Verb]]:
     """An ApiAdapter over a fake worker that is behind on deliveries (caught_up clear)."""
     caught_up = asyncio.Event()
     sent: list[Verb] = []
-    async def ask(make: Callable[[int], Verb]) -> dict[str, Any]:
-        sent.append(make(0))
+    async def ask(message: Verb) -> dict[str, Any]:
+        sent.append(message)
         return {"ok": True}
 
     link = SimpleNamespace(caught_up=caught_up, up=True, send=sent.append, ask=ask)
@@ -846,7 +846,7 @@ def test_authenticated_publish_waits_until_the_worker_caught_up() -> None:
 def test_authenticated_query_does_not_wait_for_back_pressure() -> None:
     req = request("GET", "/apps/3/channels/presence-a/users", ts=time.time())
 
-    async def ask(build: Callable[[int], Verb]) -> dict[str, Any]:
+    async def ask(message: Verb) -> dict[str, Any]:
         return {"users": ["u1"]}
 
     async def go() -> bytes:

@@ -134,7 +134,7 @@ def test_a_lost_broker_message_makes_the_worker_resync() -> None:
             to_worker(2, Recovered(77))
             await settle(link)
             assert recovered == [True]
-            link.request(lambda rid: Subscribe(rid, "1", "p", "1.1", None, 0), failed.append)
+            link.request(Subscribe(0, "1", "p", "1.1", None, 0), failed.append)
             # Message 3 is lost; 4 arrives: the worker says hello again at once, and
             # the request still waiting is answered None (its answer may be lost).
             to_worker(4, Heartbeat(77))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,8 +20,9 @@ from vask.workers.broker_link import BrokerUnavailable
 def adapter(answer: dict[str, Any] | None, up: bool = True) -> tuple[ApiAdapter, list[Verb]]:
     asked: list[Verb] = []
 
-    async def ask(make: Callable[[int], Verb]) -> dict[str, Any]:
-        asked.append(make(len(asked) + 1))
+    async def ask(message: Verb) -> dict[str, Any]:
+        # sent with a fresh request id, as BrokerLink.ask does
+        asked.append(dataclasses.replace(message, rid=len(asked) + 1))
         if answer is None:
             raise BrokerUnavailable("the broker did not answer in time")
         return answer

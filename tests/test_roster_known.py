@@ -29,12 +29,11 @@ class FakeLink:
         self.requests: list[tuple[Verb, Callable[[dict[str, Any] | None], None]]] = []
         self.sent: list[Verb] = []
 
-    def request(self, make: Callable[[int], Verb] | Verb,
+    def request(self, message: Verb,
                 callback: Callable[[dict[str, Any] | None], None]) -> None:
+        # sent with a fresh request id, as BrokerLink.request does
         rid = len(self.requests) + 1
-        # a message is sent with its request id set (BrokerLink.request)
-        message = dataclasses.replace(make, rid=rid) if isinstance(make, Verb) else make(rid)
-        self.requests.append((message, callback))
+        self.requests.append((dataclasses.replace(message, rid=rid), callback))
 
     def send(self, message: Verb) -> None:
         self.sent.append(message)

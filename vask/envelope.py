@@ -484,12 +484,7 @@ _HEADERS = {cls: _header_getter(cls) for cls in _FIELDS}
 
 def encode(message: Verb) -> list[bytes]:
     """The multipart frames for ``message`` (without any routing identity)."""
-    cls = type(message)
-    header = orjson.dumps(_HEADERS[cls](message))
-    payload_field = cls.PAYLOAD
-    if payload_field is None:
-        return [cls.VERB, header]
-    return [cls.VERB, header, getattr(message, payload_field)]
+    return _frames(message, _HEADERS[type(message)](message))
 
 
 #: verbs whose first field is a request id (``rid``)
@@ -502,11 +497,15 @@ def encode_request(message: Verb, rid: int) -> list[bytes]:
     cls = type(message)
     if cls not in REQUESTS:
         raise TypeError(f"{cls.__name__} carries no request id")
-    header = orjson.dumps((rid, *_HEADERS[cls](message)[1:]))
+    return _frames(message, (rid, *_HEADERS[cls](message)[1:]))
+
+
+def _frames(message: Verb, header: tuple[Any, ...]) -> list[bytes]:
+    cls = type(message)
     payload_field = cls.PAYLOAD
     if payload_field is None:
-        return [cls.VERB, header]
-    return [cls.VERB, header, getattr(message, payload_field)]
+        return [cls.VERB, orjson.dumps(header)]
+    return [cls.VERB, orjson.dumps(header), getattr(message, payload_field)]
 
 
 def decode(frames: list[bytes]) -> Verb:

@@ -318,8 +318,7 @@ class Admission:
             else:
                 self._established(conn, app)
 
-        worker.link.request(lambda rid: ConnOpen(rid, app.id, socket_id, app.max_connections),
-                            answered)
+        worker.link.request(ConnOpen(0, app.id, socket_id, app.max_connections), answered)
 
     def _established(self, conn: PusherConnection, app: App) -> None:
         # after a quota check the app may have been reloaded meanwhile (same key)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -63,7 +62,7 @@ class ApiAdapter:
         link = self.worker.link
         if not link.up:
             raise BrokerUnavailable("The cluster's broker is unreachable; try again shortly.")
-        reply = await link.ask(lambda rid: dataclasses.replace(msg, rid=rid))
+        reply = await link.ask(msg)
         if not reply.get("ok"):
             raise BrokerUnavailable(str(reply.get("error") or "The broker refused the event."))
 
@@ -71,7 +70,7 @@ class ApiAdapter:
         link = self.worker.link
         if not link.up:
             raise BrokerUnavailable("the broker is unreachable")
-        return await link.ask(lambda rid: Query(rid, app_id, kind, args))
+        return await link.ask(Query(0, app_id, kind, args))
 
     def now(self) -> float:
         return time.time()

@@ -417,11 +417,11 @@ class BrokerLink:
             self.drain_scheduled = True
             self.loop.call_soon(self.drain)
 
-    def request(self, make: Callable[[int], Verb] | Verb, callback: ReplyCallback,
+    def request(self, message: Verb, callback: ReplyCallback,
                 timeout: float | None = None) -> None:
-        """Send ``make(rid)``, or the message ``make`` with its request id (its first
-        field) set to ``rid``; call ``callback(body)``, or ``callback(None)`` on
-        timeout."""
+        """Send ``message`` with a fresh request id in its first field (``rid``;
+        whatever the message holds there is ignored); call ``callback(body)``, or
+        ``callback(None)`` on timeout."""
         if not self.welcomed:
             callback(None)
             return
@@ -430,14 +430,10 @@ class BrokerLink:
         wait = timeout if timeout is not None else self.settings.broker_timeout
         now = time.monotonic()
         self.pending[rid] = (callback, now + wait, now)
-        if isinstance(make, Verb):
-            if not self.closed:
-                self._queue(envelope.encode_request(make, rid), type(make))
-        else:
-            self.send(make(rid))
+        if not self.closed:
+            self._queue(envelope.encode_request(message, rid), type(message))
 
-    async def ask(self, make: Callable[[int], Verb],
-                  timeout: float | None = None) -> dict[str, Any]:
+    async def ask(self, message: Verb, timeout: float | None = None) -> dict[str, Any]:
         """Awaitable :meth:`request`; raises :class:`BrokerUnavailable` on timeout."""
         future: asyncio.Future[dict[str, Any] | None] = self.loop.create_future()
 
@@ -445,7 +441,7 @@ class BrokerLink:
             if not future.done():
                 future.set_result(body)
 
-        self.request(make, done, timeout)
+        self.request(message, done, timeout)
         body = await future
         if body is None:
             raise BrokerUnavailable("the broker did not answer in time")

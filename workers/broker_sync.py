@@ -176,7 +176,7 @@ class BrokerSync:
                         worker.index.fan_out(key[0], key[1], message.socket_id,
                                              text_frame(payload))
 
-        link.request(message, answered)  # sent with a fresh request id
+        link.request(message, answered)
 
     def _ask_roster(self, key: tuple[str, str],
                     then: Callable[[dict[str, Any] | None], None]) -> None:
@@ -187,7 +187,7 @@ class BrokerSync:
             then(members if isinstance(members, dict) else None)
 
         self.worker.link.request(
-            lambda rid: Query(rid, key[0], "roster", {"channel": key[1]}), got)
+            Query(0, key[0], "roster", {"channel": key[1]}), got)
 
     def converge(self) -> None:
         """Ask the broker for each local presence channel's roster and tell local
