@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 
@@ -271,3 +273,19 @@ def test_a_request_is_encoded_with_the_request_id_given() -> None:
         Query(3, "1", "channels", {"filter_by_prefix": "presence-"}))
     with pytest.raises(TypeError):
         envelope.encode_request(envelope.Heartbeat(1), 1)  # type: ignore[attr-defined]
+
+
+REQUEST_SAMPLES = [m for m in SAMPLES if type(m) in envelope.REQUESTS]
+
+
+def test_the_request_samples_cover_a_request_id_first_and_last() -> None:
+    kinds = {type(m).__name__ for m in REQUEST_SAMPLES}
+    assert {"Subscribe", "ConnOpen", "Query", "Publish", "TerminateUser"} <= kinds
+
+
+@pytest.mark.parametrize("message", REQUEST_SAMPLES)
+def test_every_request_verb_is_encoded_with_its_request_id_wherever_it_is(
+        message: envelope.Verb) -> None:
+    # (a Publish and a TerminateUser carry it last, a Subscribe first)
+    assert envelope.encode_request(message, 99) == envelope.encode(
+        dataclasses.replace(message, rid=99))  # type: ignore[call-arg]

@@ -487,17 +487,20 @@ def encode(message: Verb) -> list[bytes]:
     return _frames(message, _HEADERS[type(message)](message))
 
 
-#: verbs whose first field is a request id (``rid``)
-REQUESTS = frozenset(cls for cls, names in _FIELDS.items() if names and names[0] == "rid")
+#: verbs that carry a request id: where ``rid`` is in their header
+REQUESTS = {cls: [n for n in names if n != cls.PAYLOAD].index("rid")
+            for cls, names in _FIELDS.items() if "rid" in names}
 
 
 def encode_request(message: Verb, rid: int) -> list[bytes]:
-    """``encode(message)`` with its request id (its first field) set to ``rid``, without
-    building a copy of the message for it."""
+    """``encode(message)`` with its request id (the field ``rid``) set to ``rid``,
+    without building a copy of the message for it."""
     cls = type(message)
-    if cls not in REQUESTS:
+    at = REQUESTS.get(cls)
+    if at is None:
         raise TypeError(f"{cls.__name__} carries no request id")
-    return _frames(message, (rid, *_HEADERS[cls](message)[1:]))
+    header = _HEADERS[cls](message)
+    return _frames(message, (*header[:at], rid, *header[at + 1:]))
 
 
 def _frames(message: Verb, header: tuple[Any, ...]) -> list[bytes]:
