@@ -419,9 +419,9 @@ class BrokerLink:
 
     def request(self, message: Verb, callback: ReplyCallback,
                 timeout: float | None = None) -> None:
-        """Send ``message`` with a fresh request id in its first field (``rid``;
-        whatever the message holds there is ignored); call ``callback(body)``, or
-        ``callback(None)`` on timeout."""
+        """Send ``message`` with a fresh request id in its ``rid`` field (whatever the
+        message holds there is ignored; see ``envelope.encode_request``); call
+        ``callback(body)``, or ``callback(None)`` on timeout."""
         if not self.welcomed:
             callback(None)
             return
