@@ -439,3 +439,50 @@ def storm(**kw: Any) -> None:
     t, c, as_json = _split(kw)
     _run(lambda: run_storm(t, c, kw["connections"], kw["channels"], kw["mode"], kw["sig"],
                            kw["retry_min"], kw["retry_max"], kw["storm_timeout"]), as_json)
+
+
+@bench.command("connect-pair")
+@click.argument("cmd_a")
+@click.argument("cmd_b")
+@click.option("--connections", "-c", type=click.IntRange(min=2), default=10000,
+              show_default=True, help="Subscribed connections opened to each server.")
+@click.option("--blocks", type=click.IntRange(min=2), default=20, show_default=True,
+              help="Blocks per server; they alternate A B B A ...")
+@click.option("--channel", default="idle-{i}", show_default=True,
+              help="Channel per connection; {i} is the connection's index.")
+@click.option("--key", default="app-key", show_default=True)
+@click.option("--secret", default="app-secret", show_default=True)
+@click.option("--procs", type=int, default=None,
+              help="Load-generator processes per server (default: max(2, connections/5000)).")
+@click.option("--connect-concurrency", type=int, default=200, show_default=True,
+              help="Connection handshakes in flight per loadgen process.")
+@click.option("--connect-timeout", type=float, default=30.0, show_default=True)
+@click.option("--startup-timeout", type=float, default=30.0, show_default=True)
+@click.option("--settle", type=click.FloatRange(min=0), default=0.25, show_default=True,
+              help="Seconds after a block's last subscribe that are still charged to it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+def connect_pair(cmd_a: str, cmd_b: str, connections: int, blocks: int, channel: str,
+                 key: str, secret: str, procs: int | None, connect_concurrency: int,
+                 connect_timeout: float, startup_timeout: float, settle: float,
+                 as_json: bool, quiet: bool) -> None:
+    """Server CPU per connect+subscribe of CMD_A and CMD_B, both running at once and
+    loaded in alternating blocks, so that the machine's drift falls on both.
+
+    Prints B's CPU per connection over A's with a 95 % bootstrap interval. Both servers
+    take the same key and secret. Exits 1 when a connection failed.
+    """
+    from vask.bench.paired import format_pair, run_connect_pair
+
+    raise_nofile_limit()
+    common = Common(procs=procs, connect_concurrency=connect_concurrency,
+                    connect_timeout=connect_timeout, progress=not quiet)
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        result = runner.run(run_connect_pair(cmd_a, cmd_b, common, connections, blocks,
+                                             channel, key, secret, startup_timeout,
+                                             settle))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=_json_default))
+    else:
+        click.echo(format_pair(result))
+    sys.exit(0 if result["ok"] else 1)

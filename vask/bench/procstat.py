@@ -61,6 +61,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def run_seconds(pid: int) -> float:
+    """Time on a CPU of one process's live threads, in seconds, to the nanosecond (the
+    scheduler's own sum, /proc/PID/task/TID/schedstat), 0 if it has exited.
+
+    utime+stime come in clock ticks (10 ms) and are sampled; over a window of a few
+    hundred milliseconds that is a coarse and noisy figure. Threads that exited are not
+    counted: compare windows over processes whose threads live throughout.
+    """
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split(None, 1)[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return total / 1e9
+
+
+def tree_run_seconds(root: int) -> float:
+    """:func:`run_seconds` summed over ``root`` and its descendants."""
+    return sum(run_seconds(pid) for pid in process_tree(root))
+
+
 def rss_pss_kb(pid: int) -> tuple[int, int]:
     """(RSS, PSS) of one process in KiB; PSS falls back to RSS if unreadable."""
     rss = 0

@@ -1,0 +1,108 @@
+"""``vask bench connect-pair``: the pure summary of paired blocks, the scheduler's CPU
+figure it reads, and one small run against two real Vask servers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vask.bench.paired import format_pair, summarise_pairs
+from vask.bench.procstat import run_seconds, tree_run_seconds
+
+
+def test_ratio_of_totals_and_per_pair_spread() -> None:
+    # A: 1.0 s and 3.0 s for 100 connections each -> 20 ms per connection;
+    # B: 1.5 s and 3.0 s -> 22.5 ms: B / A = 1.125, per pair 1.5 and 1.0
+    m = summarise_pairs([1.0, 3.0], [100, 100], [1.5, 3.0], [100, 100])
+    assert m["pairs"] == 2
+    assert m["A_cpu_ms_per_conn"] == pytest.approx(20.0)
+    assert m["B_cpu_ms_per_conn"] == pytest.approx(22.5)
+    assert m["ratio_B_over_A"] == pytest.approx(1.125)
+    assert (m["pair_ratio_min"], m["pair_ratio_max"]) == pytest.approx((1.0, 1.5))
+    assert m["pair_ratio_median"] == pytest.approx(1.25)
+    # resampled pairs: every interval end is a ratio some resample can give
+    assert 1.0 <= m["ratio_95_low"] <= m["ratio_B_over_A"] <= m["ratio_95_high"] <= 1.5
+
+
+def test_counts_per_block_weigh_in() -> None:
+    # a block with more connections counts for more in the totals
+    m = summarise_pairs([1.0, 1.0], [100, 300], [2.0, 1.0], [100, 300])
+    assert m["A_cpu_ms_per_conn"] == pytest.approx(2000 / 400)
+    assert m["B_cpu_ms_per_conn"] == pytest.approx(3000 / 400)
+    assert m["ratio_B_over_A"] == pytest.approx(1.5)
+
+
+def test_identical_sides_give_one_and_a_point_interval() -> None:
+    cpu = [0.2, 0.25, 0.3, 0.18]
+    m = summarise_pairs(cpu, [50] * 4, cpu, [50] * 4)
+    assert m["ratio_B_over_A"] == pytest.approx(1.0)
+    assert m["ratio_95_low"] == pytest.approx(1.0)
+    assert m["ratio_95_high"] == pytest.approx(1.0)
+
+
+def test_the_interval_is_reproducible_and_widens_with_spread() -> None:
+    a = [0.1] * 10
+    steady = summarise_pairs(a, [10] * 10, [0.12] * 10, [10] * 10)
+    noisy_b = [0.06, 0.2, 0.08, 0.18, 0.1, 0.14, 0.05, 0.19, 0.11, 0.09]
+    noisy = summarise_pairs(a, [10] * 10, noisy_b, [10] * 10)
+    again = summarise_pairs(a, [10] * 10, noisy_b, [10] * 10)
+    assert (noisy["ratio_95_low"], noisy["ratio_95_high"]) == \
+        (again["ratio_95_low"], again["ratio_95_high"])
+    assert steady["ratio_95_high"] - steady["ratio_95_low"] == pytest.approx(0.0)
+    assert noisy["ratio_95_high"] - noisy["ratio_95_low"] > 0.1
+
+
+def test_blocks_without_connections_are_left_out_and_none_give_nan() -> None:
+    m = summarise_pairs([1.0, 0.5], [0, 100], [1.0, 0.5], [100, 100])
+    assert m["pairs"] == 1
+    assert m["ratio_B_over_A"] == pytest.approx(1.0)
+    empty = summarise_pairs([], [], [], [])
+    assert empty["pairs"] == 0 and math.isnan(empty["ratio_B_over_A"])
+
+
+def test_blocks_must_pair_up() -> None:
+    with pytest.raises(ValueError):
+        summarise_pairs([1.0], [1], [1.0, 2.0], [1, 1])
+
+
+def test_run_seconds_follows_the_process_cpu_clock() -> None:
+    """The scheduler's sum for this process moves with its CPU clock, to well under a
+    clock tick (10 ms), where utime+stime would move in whole ticks."""
+    before_run, before_clock = run_seconds(os.getpid()), time.process_time()
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass
+    ran = run_seconds(os.getpid()) - before_run
+    clock = time.process_time() - before_clock
+    assert clock >= 0.2
+    assert ran == pytest.approx(clock, abs=0.005)
+    assert tree_run_seconds(os.getpid()) >= run_seconds(os.getpid())
+    assert run_seconds(2 ** 22 + 12345) == 0.0  # no such process
+
+
+@pytest.mark.timeout(120)
+def test_connect_pair_against_two_vask_servers() -> None:
+    server = (f"{shlex.quote(sys.executable)} -m vask.cli run --workers 1 --host 127.0.0.1 "
+              "--port {port} --log-level warning --metrics-port 0")
+    argv = [sys.executable, "-m", "vask.cli", "bench", "connect-pair", server, server,
+            "-c", "60", "--blocks", "4", "--settle", "0.05", "--startup-timeout", "20",
+            "--connect-timeout", "10", "--json", "--quiet"]
+    proc = subprocess.run(argv, capture_output=True, timeout=100, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["ok"], result["failures"]
+    blocks = result["blocks"]
+    assert blocks["A_ok"] == blocks["B_ok"] == [15, 15, 15, 15]
+    # each block of each server was charged some CPU (subscribing 15 clients is work)
+    assert all(c > 0 for c in blocks["A_cpu_s"] + blocks["B_cpu_s"])
+    m = result["metrics"]
+    assert m["pairs"] == 4
+    assert m["ratio_B_over_A"] > 0 and m["ratio_95_low"] <= m["ratio_95_high"]
+    assert "B / A" in format_pair(result)
