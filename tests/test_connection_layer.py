@@ -19,7 +19,9 @@ from vask.config import load_settings
 from vask.metrics import WorkerMetrics
 from vask.workers.admission import Admission, websocket_problem
 from vask.workers.http import BURST_REQUESTS, MAX_PIPELINED, HttpProtocol
-from vask.workers.outbound import Corker
+from vask.workers.index import ChannelIndex
+from vask.workers.outbound import MAX_CORKED_FRAMES, Corker
+from vask.workers.websocket import PusherConnection
 
 
 class FakeTransport(asyncio.Transport):
@@ -342,3 +344,88 @@ def test_a_large_body_is_parsed_in_one_turn(loop: asyncio.AbstractEventLoop) -> 
     conn.data_received(b"POST /x HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert status_of(transport) == 200
     assert transport.reading
+
+
+# --- fan-out during a broker drain -----------------------------------------------------
+
+
+def _subscribers(worker: Any, n: int) -> tuple[ChannelIndex, list[tuple[Any, FakeTransport]]]:
+    """``n`` WebSocket connections of app "1", socket ids 1.0 .. 1.n-1, all in "hot"."""
+    index = ChannelIndex(worker.corker, SimpleNamespace())  # type: ignore[arg-type]
+    conns = []
+    for i in range(n):
+        transport = FakeTransport()
+        conn = PusherConnection(worker, transport, 0, None)
+        conn.socket_id, conn.app_id = f"1.{i}", "1"
+        index.bind(conn, "hot", True)
+        conns.append((conn, transport))
+    return index, conns
+
+
+def test_a_corked_fan_out_leaves_in_one_write_per_subscriber_after_the_drain(
+        loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    corker = worker.corker
+    index, conns = _subscribers(worker, 3)
+    corker.cork(True)
+    index.fan_out("1", "hot", "1.1", b"A")
+    index.fan_out("1", "hot", "", b"B")
+    assert not any(t.written for _, t in conns)  # corked until the drain ends
+    corker.cork(False)
+    corker.flush()
+    assert [t.written for _, t in conns] == [[b"AB"], [b"B"], [b"AB"]]
+    assert corker.held == 0 and not corker.pending
+    assert worker.metrics.unknown.deliveries == 5
+
+
+def test_a_corked_fan_out_keeps_a_connections_earlier_output_first(
+        loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    index, [(conn, transport)] = _subscribers(worker, 1)
+    conn.queue(b"first ")  # e.g. a pong, queued before the drain
+    worker.corker.cork(True)
+    index.fan_out("1", "hot", "", b"then the event")
+    worker.corker.cork(False)
+    worker.corker.flush()
+    assert transport.written == [b"first then the event"]
+
+
+def test_a_long_corked_burst_for_one_connection_is_written_at_max_frames(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """One drain of many events for a channel: past MAX_CORKED_FRAMES the connection's
+    frames are written at once, so its transport's flow control sees them."""
+    worker = make_worker(loop)
+    index, [(_, transport)] = _subscribers(worker, 1)
+    worker.corker.cork(True)
+    for _ in range(MAX_CORKED_FRAMES):
+        index.fan_out("1", "hot", "", b"e")
+    assert transport.written == [b"e" * MAX_CORKED_FRAMES]
+    index.fan_out("1", "hot", "", b"f")
+    worker.corker.cork(False)
+    worker.corker.flush()
+    assert transport.written == [b"e" * MAX_CORKED_FRAMES, b"f"]
+
+
+def test_a_corked_fan_out_over_the_byte_limit_is_written_at_once(
+        loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    index, conns = _subscribers(worker, 2)
+    worker.corker.cork(True)
+    index.fan_out("1", "hot", "", b"x" * 100_000)
+    assert not any(t.written for _, t in conns)
+    index.fan_out("1", "hot", "", b"y" * 100_000)  # 400 000 bytes held > 262 144
+    assert [len(t.text) for _, t in conns] == [200_000, 200_000]
+
+
+def test_the_drains_flush_cuts_a_subscriber_over_the_hard_limit_and_skips_a_closed_one(
+        loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    index, [(_, slow), (gone, closed), (_, fine)] = _subscribers(worker, 3)
+    slow.buffered = worker.settings.write_buffer_limit + 1
+    worker.corker.cork(True)
+    index.fan_out("1", "hot", "", b"e")
+    gone.transport = None  # the connection was lost during the drain
+    worker.corker.cork(False)
+    worker.corker.flush()
+    assert slow.aborted and worker.counters["slow_consumers_cut"] == 1
+    assert not closed.written and fine.written == [b"e"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vask.workers.outbound import MAX_CORKED_FRAMES
+
 if TYPE_CHECKING:
     from vask.workers.outbound import Corker
     from vask.workers.rosters import Rosters
@@ -77,12 +79,25 @@ class ChannelIndex:
         if type(targets) is not set:
             targets = (targets,)  # type: ignore[assignment]
         skipped = 0
-        if self.corker.corked:
+        corker = self.corker
+        if corker.corked:
+            # Outbound.queue, inline (the corker's flush comes after the drain)
+            pending = corker.pending
             for conn in targets:  # type: ignore[union-attr]
-                if conn.socket_id != exclude:
-                    conn.queue(data)
-                else:
+                if conn.socket_id == exclude:
                     skipped = 1
+                    continue
+                out = conn.out
+                if out is None:
+                    conn.out = [data]
+                    pending.append(conn)
+                else:
+                    out.append(data)
+                    if len(out) >= MAX_CORKED_FRAMES:
+                        conn.flush()  # a burst for one connection: let flow control see it
+            corker.held += len(data) * (len(targets) - skipped)  # type: ignore[arg-type]
+            if corker.held > corker.limit:
+                corker.flush()
         else:
             for conn in targets:  # type: ignore[union-attr]
                 if conn.socket_id == exclude:

@@ -198,8 +198,22 @@ class Corker:
         self.held = 0
         pending = self.pending
         self.pending = []
+        if not pending:
+            return
+        # Outbound.flush and Outbound.write, inline: this runs once per subscriber per
+        # broker drain, the hot path of every fan-out
+        limit = pending[0].worker.settings.write_buffer_limit
         for conn in pending:
-            conn.flush()
+            out = conn.out
+            if out is None:
+                continue  # written meanwhile (MAX_CORKED_FRAMES)
+            conn.out = None
+            transport = conn.transport
+            if transport is None:
+                continue
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if transport.get_write_buffer_size() > limit:
+                conn.cut()
 
     def frame(self, payload: bytes) -> bytes:
         """The text frame for ``payload``; consecutive sends of the same payload (one
