@@ -257,9 +257,15 @@ def run(workers: int, count: int, endpoint_kind: str, use_curve: bool,
         # and one presence channel (as member), over what it held empty
         out["broker_kib_per_connection"] = round(
             (_rss_kib(process.pid) - rss_before) / (per * workers), 3)
-        # a channel with a subscriber on every fake worker
+        # a channel with a subscriber on every fake worker, confirmed before anything is
+        # published to it: the broker routes a publish to the workers subscribed when it
+        # handles it, and it may handle one worker's publishes before another worker's
+        # subscribe (it takes its peers in turn)
+        base_hot = [w.replies for w in fakes]
         for w in fakes:
-            w.send([Subscribe(0, APP, "hot", f"{w.prefix}.0", None, 0)])
+            w.send([Subscribe(1, APP, "hot", f"{w.prefix}.0", None, 0)])
+        _wait(fakes, lambda: all(w.replies > b for w, b in zip(fakes, base_hot, strict=True)),
+              20, "the hot channel's subscribes")
         payload = b'{"event":"tick","channel":"hot","data":"{}"}'
         phase("publishes", lambda i, w: [
             Publish(APP, "hot", "", 0.0, payload, False, k + 1) for k in range(per)],
