@@ -118,7 +118,9 @@ def _broker_main(settings: Settings, endpoint: str) -> None:
     from vask.logs import setup_logging
 
     setup_logging("warning", "broker")
-    serve(settings, endpoint)
+    # ends with the bench even when the bench is killed (a timed-out test sends SIGKILL,
+    # which a daemon child would otherwise outlive)
+    serve(settings, endpoint, parent_pid=os.getppid())
 
 
 def _wait_bound(endpoint: str, deadline: float) -> None:
