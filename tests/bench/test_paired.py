@@ -106,3 +106,52 @@ def test_connect_pair_against_two_vask_servers() -> None:
     assert m["pairs"] == 4
     assert m["ratio_B_over_A"] > 0 and m["ratio_95_low"] <= m["ratio_95_high"]
     assert "B / A" in format_pair(result)
+
+
+def test_the_summary_names_its_unit_and_scales_it() -> None:
+    m = summarise_pairs([2.0], [1_000_000], [1.0], [1_000_000], unit="s_per_million",
+                        scale=1e6)
+    assert m["unit"] == "s_per_million"
+    assert m["A_cpu_s_per_million"] == pytest.approx(2.0)
+    assert m["B_cpu_s_per_million"] == pytest.approx(1.0)
+    assert m["ratio_B_over_A"] == pytest.approx(0.5)
+
+
+@pytest.mark.timeout(120)
+def test_fanout_pair_against_two_vask_servers() -> None:
+    server = (f"{shlex.quote(sys.executable)} -m vask.cli run --workers 2 --host 127.0.0.1 "
+              "--port {port} --log-level warning --metrics-port 0")
+    argv = [sys.executable, "-m", "vask.cli", "bench", "fanout-pair", server, server,
+            "-s", "30", "-e", "5", "-r", "50", "--blocks", "4", "--settle", "0.05",
+            "--startup-timeout", "20", "--json", "--quiet"]
+    proc = subprocess.run(argv, capture_output=True, timeout=100, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["ok"], result["failures"]
+    blocks = result["blocks"]
+    # every block delivered its 5 events to each of the 30 subscribers, no more, no less
+    assert blocks["A_deliveries"] == blocks["B_deliveries"] == [150] * 4
+    assert all(c > 0 for c in blocks["A_cpu_s"] + blocks["B_cpu_s"])
+    assert result["latency_ms"]["A"]["count"] == result["latency_ms"]["B"]["count"] == 600
+    m = result["metrics"]
+    assert m["pairs"] == 4 and m["B_cpu_s_per_million"] > 0
+    assert m["ratio_95_low"] <= m["ratio_B_over_A"] <= m["ratio_95_high"]
+    text = format_pair(result)
+    assert "fanout-pair" in text and "per million deliveries" in text
+
+
+@pytest.mark.timeout(60)
+def test_fanout_pair_stops_on_a_rejected_publish() -> None:
+    """A wrong app id is refused with a 4xx; the run fails and says so instead of
+    waiting for deliveries that cannot come."""
+    server = (f"{shlex.quote(sys.executable)} -m vask.cli run --workers 1 --host 127.0.0.1 "
+              "--port {port} --log-level warning --metrics-port 0")
+    argv = [sys.executable, "-m", "vask.cli", "bench", "fanout-pair", server, server,
+            "-s", "5", "-e", "2", "--blocks", "2", "--app-id", "nope",
+            "--startup-timeout", "20", "--json", "--quiet"]
+    proc = subprocess.run(argv, capture_output=True, timeout=50, check=False)
+    assert proc.returncode == 1
+    result = json.loads(proc.stdout)
+    assert not result["ok"]
+    assert result["failures"][0].startswith("publishing stopped: HTTP 404")
+    assert b"Traceback" not in proc.stderr

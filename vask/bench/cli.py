@@ -481,8 +481,64 @@ def connect_pair(cmd_a: str, cmd_b: str, connections: int, blocks: int, channel:
         result = runner.run(run_connect_pair(cmd_a, cmd_b, common, connections, blocks,
                                              channel, key, secret, startup_timeout,
                                              settle))
+    _print_pair(result, as_json, format_pair)
+
+
+def _print_pair(result: dict[str, Any], as_json: bool,
+                formatter: Callable[[dict[str, Any]], str]) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2, default=_json_default))
     else:
-        click.echo(format_pair(result))
+        click.echo(formatter(result))
     sys.exit(0 if result["ok"] else 1)
+
+
+@bench.command("fanout-pair")
+@click.argument("cmd_a")
+@click.argument("cmd_b")
+@click.option("--subscribers", "-s", type=click.IntRange(min=1), default=1000,
+              show_default=True, help="Subscribers on the channel of each server.")
+@click.option("--rate", "-r", type=click.FloatRange(min=0.1), default=50.0,
+              show_default=True, help="Events per second within a block.")
+@click.option("--events", "-e", type=click.IntRange(min=1), default=25, show_default=True,
+              help="Events per block.")
+@click.option("--blocks", type=click.IntRange(min=2), default=20, show_default=True,
+              help="Blocks per server; they alternate A B B A ...")
+@click.option("--payload", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Extra bytes of padding in each event's data.")
+@click.option("--channel", default="bench", show_default=True)
+@click.option("--app-id", default=DEFAULT_APP_ID, show_default=True)
+@click.option("--key", default="app-key", show_default=True)
+@click.option("--secret", default="app-secret", show_default=True)
+@click.option("--inflight", "-k", type=click.IntRange(min=1), default=2, show_default=True,
+              help="HTTP trigger requests in flight per server.")
+@click.option("--procs", type=int, default=None,
+              help="Load-generator processes per server (default: max(2, subscribers/5000)).")
+@click.option("--startup-timeout", type=float, default=30.0, show_default=True)
+@click.option("--drain-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds without a delivery after which a block gives up waiting.")
+@click.option("--settle", type=click.FloatRange(min=0), default=0.25, show_default=True,
+              help="Seconds after a block's last delivery that are still charged to it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+def fanout_pair(cmd_a: str, cmd_b: str, subscribers: int, rate: float, events: int,
+                blocks: int, payload: int, channel: str, app_id: str, key: str, secret: str,
+                inflight: int, procs: int | None, startup_timeout: float,
+                drain_timeout: float, settle: float, as_json: bool, quiet: bool) -> None:
+    """Server CPU per million deliveries of CMD_A and CMD_B at a steady event rate, both
+    running at once and published to in alternating blocks, so that the machine's drift
+    falls on both.
+
+    Prints B's CPU per million deliveries over A's with a 95 % bootstrap interval, and
+    each side's delivery latency. Both servers take the same app id, key and secret.
+    Exits 1 unless every subscriber received every event.
+    """
+    from vask.bench.paired import format_pair, run_fanout_pair
+
+    raise_nofile_limit()
+    common = Common(procs=procs, drain_timeout=drain_timeout, progress=not quiet)
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        result = runner.run(run_fanout_pair(
+            cmd_a, cmd_b, common, subscribers, rate, events, blocks, payload, channel,
+            app_id, key, secret, inflight, startup_timeout, settle))
+    _print_pair(result, as_json, format_pair)

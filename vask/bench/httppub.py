@@ -97,8 +97,13 @@ class Publisher:
     """
 
     def __init__(self, host: str, port: int, app_id: str, key: str, secret: str,
-                 inflight: int = 8, tls: ssl.SSLContext | None = None) -> None:
+                 inflight: int = 8, tls: ssl.SSLContext | None = None,
+                 keep: bool = False) -> None:
         self.host, self.port = host, port
+        #: keep the lanes' connections open between runs (``close`` ends them), so that
+        #: a run of a few events is not charged a few fresh TCP connections each time
+        self.keep = keep
+        self._spare: list[_HttpConn] = []
         self.tls = tls
         self.app_id, self.key, self.secret = app_id, key, secret
         self.inflight = inflight
@@ -191,7 +196,7 @@ class Publisher:
 
         async def lane() -> None:
             nonlocal next_seq
-            conn = await self._connect()
+            conn = self._spare.pop() if self._spare else await self._connect()
             while next_seq < count and self.rejected is None:
                 seq = next_seq
                 next_seq += 1
@@ -220,13 +225,22 @@ class Publisher:
                         self.rejected = f"HTTP {status} from {self.path}: {text}"
                 if on_progress is not None:
                     on_progress()
-            if conn.transport is not None:
+            if self.keep and not conn.lost:
+                self._spare.append(conn)
+            elif conn.transport is not None:
                 conn.transport.close()
 
         await asyncio.gather(*(lane() for _ in range(max(1, min(self.inflight, count)))))
         if self.rejected is not None:
             raise PublishRejected(self.rejected)
         return time.monotonic() - t0
+
+    def close(self) -> None:
+        """Close the connections kept between runs."""
+        for conn in self._spare:
+            if conn.transport is not None:
+                conn.transport.close()
+        self._spare.clear()
 
     def _err(self, msg: str) -> None:
         if len(self.errors) < 10:

@@ -246,7 +246,7 @@ def _per_million(cpu_s: float, count: float) -> float:
     return safe_div(cpu_s, count) * 1e6
 
 
-def _stamp_data(pad: int) -> Callable[[int, int], str]:
+def stamp_data(pad: int) -> Callable[[int, int], str]:
     filler = "x" * pad
 
     def make(seq: int, stamp: int) -> str:
@@ -299,7 +299,7 @@ async def run_fanout(
         meter.begin()
         t_pub0 = time.monotonic_ns() // 1000
         pub_task = asyncio.ensure_future(
-            pub.run(events, _stamp_data(payload), channel, rate=rate)
+            pub.run(events, stamp_data(payload), channel, rate=rate)
         )
         complete = await s.wait_for(
             "delivered",

@@ -50,7 +50,7 @@ from vask.bench.httppub import Publisher
 from vask.bench.loadgen import loop_factory, now_us
 from vask.bench.pool import WorkerPool, split_counts
 from vask.bench.report import Meter
-from vask.bench.scenarios import Common, Session, Target, _base, _fail, _stamp_data
+from vask.bench.scenarios import Common, Session, Target, _base, _fail, stamp_data
 from vask.bench.server import free_port
 from vask.bench.stats import latency_summary_us, safe_div
 
@@ -488,7 +488,7 @@ async def _fanout(s: Session, target: Target, p: WebhookParams, events: int, lab
     expected = p.subscribers * events
     meter.begin()
     t0 = now_us()
-    task = asyncio.ensure_future(pub.run(events, _stamp_data(0), FANOUT_CHANNEL))
+    task = asyncio.ensure_future(pub.run(events, stamp_data(0), FANOUT_CHANNEL))
     complete = await s.wait_for(
         label, lambda st: (sum(x["deliveries"] for x in st), expected), background=task)
     win = meter.end()
