@@ -35,9 +35,16 @@ class FakeTransport(asyncio.Transport):
         self.buffered = 0  # what get_write_buffer_size reports
         self.protocol: Any = None
         self.limits: tuple[int, int] = (0, 0)
+        self.writing_paused = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written.append(bytes(data))
+        # as asyncio's transports do: above the high-water mark, the protocol is told
+        # before write returns (once, until it is resumed)
+        if self.buffered > self.limits[0] and not self.writing_paused \
+                and self.protocol is not None:
+            self.writing_paused = True
+            self.protocol.pause_writing()
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
@@ -102,6 +109,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 def connect(worker: Any) -> tuple[HttpProtocol, FakeTransport]:
     conn = HttpProtocol(worker)
     transport = FakeTransport()
+    transport.protocol = conn
     conn.connection_made(transport)
     return conn, transport
 
@@ -356,6 +364,8 @@ def _subscribers(worker: Any, n: int) -> tuple[ChannelIndex, list[tuple[Any, Fak
     for i in range(n):
         transport = FakeTransport()
         conn = PusherConnection(worker, transport, 0, None)
+        transport.protocol = conn
+        transport.limits = (worker.settings.write_buffer_high, worker.settings.write_buffer_low)
         conn.socket_id, conn.app_id = f"1.{i}", "1"
         index.bind(conn, "hot", True)
         conns.append((conn, transport))
@@ -417,15 +427,143 @@ def test_a_corked_fan_out_over_the_byte_limit_is_written_at_once(
     assert [len(t.text) for _, t in conns] == [200_000, 200_000]
 
 
+@pytest.mark.parametrize("exclude", ["", "1.9"], ids=["held-whole", "per-connection"])
 def test_the_drains_flush_cuts_a_subscriber_over_the_hard_limit_and_skips_a_closed_one(
-        loop: asyncio.AbstractEventLoop) -> None:
+        loop: asyncio.AbstractEventLoop, exclude: str) -> None:
     worker = make_worker(loop)
     index, [(_, slow), (gone, closed), (_, fine)] = _subscribers(worker, 3)
     slow.buffered = worker.settings.write_buffer_limit + 1
     worker.corker.cork(True)
-    index.fan_out("1", "hot", "", b"e")
+    index.fan_out("1", "hot", exclude, b"e")
+    # an exclusion (even of nobody here) takes the per-connection path
+    assert (worker.corker.shared is not None) is (exclude == "")
     gone.transport = None  # the connection was lost during the drain
     worker.corker.cork(False)
     worker.corker.flush()
     assert slow.aborted and worker.counters["slow_consumers_cut"] == 1
     assert not closed.written and fine.written == [b"e"]
+
+
+# --- a corked fan-out held whole -------------------------------------------------------
+
+
+def test_a_corked_fan_out_to_a_channel_is_held_whole_and_written_once_each(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """One drain, two events of one busy channel: nothing is queued per connection; the
+    flush writes both events to each subscriber in one write, and counts them."""
+    worker = make_worker(loop)
+    corker = worker.corker
+    index, conns = _subscribers(worker, 3)
+    corker.cork(True)
+    index.fan_out("1", "hot", "", b"A")
+    index.fan_out("1", "hot", "", b"B", frames=2)
+    assert corker.shared is not None and not corker.pending
+    assert all(conn.out is None for conn, _ in conns)
+    assert corker.held == 6
+    corker.cork(False)
+    loop.run_until_complete(asyncio.sleep(0))  # cork(False) scheduled the flush
+    assert [t.written for _, t in conns] == [[b"AB"]] * 3
+    assert corker.shared is None and corker.held == 0
+    assert worker.metrics.unknown.deliveries == 9
+
+
+@pytest.mark.parametrize("how", ["queue", "write"])
+def test_output_for_a_member_of_the_held_fan_out_comes_after_it(
+        loop: asyncio.AbstractEventLoop, how: str) -> None:
+    """Queued or written during the drain (or before its flush), a connection's own
+    output follows the event held for it; other connections are not disturbed."""
+    worker = make_worker(loop)
+    corker = worker.corker
+    index, [(member, transport), (_, t2), (_, t3)] = _subscribers(worker, 3)
+    corker.cork(True)
+    index.fan_out("1", "hot", "", b"E")
+    getattr(member, how)(b"-own")  # e.g. a pong queued, or an answer written at once
+    assert corker.shared is None  # spilled into per-connection output
+    assert transport.written == ([b"E-own"] if how == "write" else [])
+    corker.cork(False)
+    corker.flush()
+    assert transport.written == [b"E-own"]
+    assert t2.written == t3.written == [b"E"]
+
+
+def test_output_for_another_connection_leaves_the_held_fan_out_whole(
+        loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    corker = worker.corker
+    index, conns = _subscribers(worker, 2)
+    other = PusherConnection(worker, FakeTransport(), 0, None)
+    corker.cork(True)
+    index.fan_out("1", "hot", "", b"E")
+    other.queue(b"pong")
+    assert corker.shared is not None and corker.pending == [other]
+    corker.cork(False)
+    corker.flush()
+    assert [t.written for _, t in conns] == [[b"E"], [b"E"]]
+    assert other.transport.written == [b"pong"]  # type: ignore[attr-defined]
+
+
+def test_a_fan_out_to_other_connections_spills_the_held_one_in_order(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Two channels with a subscriber in common, one drain: each connection gets its
+    events in the order they were fanned out."""
+    worker = make_worker(loop)
+    corker = worker.corker
+    index, [(_, ta), (b, tb), (c, tc)] = _subscribers(worker, 3)
+    index.bind(b, "other", True)
+    index.bind(c, "other", True)
+    corker.cork(True)
+    index.fan_out("1", "hot", "", b"1")
+    index.fan_out("1", "other", "", b"2")
+    index.fan_out("1", "hot", "", b"3")
+    corker.cork(False)
+    corker.flush()
+    assert (ta.written, tb.written, tc.written) == ([b"13"], [b"123"], [b"123"])
+
+
+def test_a_subscriber_joining_during_the_drain_gets_only_the_later_events(
+        loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    corker = worker.corker
+    index, conns = _subscribers(worker, 2)
+    late = PusherConnection(worker, FakeTransport(), 0, None)
+    late.socket_id, late.app_id = "1.7", "1"
+    corker.cork(True)
+    index.fan_out("1", "hot", "", b"before")
+    index.bind(late, "hot", True)
+    index.fan_out("1", "hot", "", b"-after")
+    corker.cork(False)
+    corker.flush()
+    assert [t.written for _, t in conns] == [[b"before-after"]] * 2
+    assert late.transport.written == [b"-after"]  # type: ignore[attr-defined]
+
+
+def test_a_long_burst_held_whole_is_written_at_max_frames(
+        loop: asyncio.AbstractEventLoop) -> None:
+    worker = make_worker(loop)
+    index, conns = _subscribers(worker, 2)
+    worker.corker.cork(True)
+    for _ in range(MAX_CORKED_FRAMES):
+        index.fan_out("1", "hot", "", b"e")
+    assert [t.written for _, t in conns] == [[b"e" * MAX_CORKED_FRAMES]] * 2
+    index.fan_out("1", "hot", "", b"f")
+    worker.corker.cork(False)
+    worker.corker.flush()
+    assert [t.written for _, t in conns] == [[b"e" * MAX_CORKED_FRAMES, b"f"]] * 2
+
+
+def test_a_paused_connection_is_cut_only_over_the_hard_limit(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Above the high-water mark the transport pauses the connection (it stops being
+    read); only above the hard limit is it cut."""
+    worker = make_worker(loop)
+    index, [(conn, transport), (_, fine)] = _subscribers(worker, 2)
+    transport.buffered = worker.settings.write_buffer_high + 1
+    worker.corker.cork(True)
+    index.fan_out("1", "hot", "", b"e")
+    worker.corker.cork(False)
+    worker.corker.flush()
+    assert conn.paused and not transport.reading and not transport.aborted
+    transport.buffered = worker.settings.write_buffer_limit + 1
+    conn.write(b"more")
+    assert transport.aborted and worker.counters["slow_consumers_cut"] == 1
+    assert fine.written == [b"e"] and not fine.aborted

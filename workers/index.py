@@ -81,6 +81,19 @@ class ChannelIndex:
         skipped = 0
         corker = self.corker
         if corker.corked:
+            if type(targets) is set and targets and not exclude and corker.share(targets, data):
+                # held whole: the flush writes it to each subscriber in one pass
+                corker.held += len(data) * len(targets)
+                if corker.held > corker.limit:
+                    corker.flush()
+                stats = next(iter(targets)).stats
+                sent = len(targets)
+                stats.deliveries += sent * frames
+                stats.ws_messages_out += sent * frames
+                stats.ws_bytes_out += sent * len(data)
+                return
+            if corker.shared is not None:
+                corker.spill()  # it goes before what is queued for these below
             # Outbound.queue, inline (the corker's flush comes after the drain)
             pending = corker.pending
             for conn in targets:  # type: ignore[union-attr]

@@ -114,19 +114,29 @@ class Outbound(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        corker = self.worker.corker
+        shared = corker.shared
+        if shared is not None and self in shared:
+            corker.spill()  # a held fan-out to this connection goes first
         out = self.out
         if out:
             out.append(data)
             data = b"".join(out)
             self.out = None
         transport.write(data)
-        if transport.get_write_buffer_size() > self.worker.settings.write_buffer_limit:
+        # Above the hard limit means above the high-water mark, and the transport calls
+        # pause_writing before its write returns: only a paused connection can be over.
+        if self.paused and \
+                transport.get_write_buffer_size() > self.worker.settings.write_buffer_limit:
             self.cut()
 
     def queue(self, data: bytes) -> None:
         """Write at the end of this loop turn, together with whatever else is queued."""
-        out = self.out
         corker = self.worker.corker
+        shared = corker.shared
+        if shared is not None and self in shared:
+            corker.spill()
+        out = self.out
         if out is None:
             self.out = [data]
             corker.dirty(self)
@@ -158,11 +168,19 @@ class Outbound(asyncio.Protocol):
 class Corker:
     """Writes queued during one loop turn leave in one ``write`` per connection."""
 
-    __slots__ = ("_frame_cache", "_scheduled", "corked", "held", "limit", "loop", "pending")
+    __slots__ = ("_frame_cache", "_scheduled", "corked", "held", "limit", "loop", "pending",
+                 "shared", "shared_data")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
         self.loop = loop
         self.pending: list[Outbound] = []
+        #: a corked fan-out held whole: its subscribers (a copy of the channel's set)
+        #: and the frames for all of them (``shared_data``), written in one pass by the
+        #: flush. Held only while it is all that is corked: a write or queue to one of
+        #: its connections, or a fan-out to other subscribers, first spills it into
+        #: per-connection output (:meth:`spill`), so every connection's order is kept.
+        self.shared: set[Outbound] | None = None
+        self.shared_data: list[bytes] = []
         #: bytes held in corked lists; past ``limit`` everything is written at once, so
         #: what a loop turn produces (pongs to a burst of pings read in one wake-up,
         #: answers to a burst of requests) meets the transports' flow control instead
@@ -189,13 +207,15 @@ class Corker:
             self.corked = True
         elif self.corked:
             self.corked = False
-            if self.pending and not self._scheduled:
+            if (self.pending or self.shared is not None) and not self._scheduled:
                 self._scheduled = True
                 self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
         self.held = 0
+        if self.shared is not None:
+            self.write_shared()
         pending = self.pending
         self.pending = []
         if not pending:
@@ -212,7 +232,65 @@ class Corker:
             if transport is None:
                 continue
             transport.write(out[0] if len(out) == 1 else b"".join(out))
-            if transport.get_write_buffer_size() > limit:
+            if conn.paused and transport.get_write_buffer_size() > limit:
+                conn.cut()
+
+    def share(self, targets: set[Any], data: bytes) -> bool:
+        """Hold a corked fan-out of ``data`` to ``targets`` (a channel's subscribers)
+        whole, if it can be: nothing else is corked, or the held one goes to the same
+        connections (the next event of a busy channel in the same drain: its frame is
+        added, and each subscriber still gets one write). False when it cannot; the
+        caller then queues it per connection."""
+        shared = self.shared
+        if shared is None:
+            if self.pending:
+                return False  # their corked output would have to go first
+            self.shared = set(targets)
+            self.shared_data = [data]
+            return True
+        if shared != targets:
+            return False
+        shared_data = self.shared_data
+        shared_data.append(data)
+        if len(shared_data) >= MAX_CORKED_FRAMES:
+            self.write_shared()  # a long burst: let the transports' flow control see it
+        return True
+
+    def spill(self) -> None:
+        """Turn the held fan-out into per-connection corked output, before anything
+        else is corked for its connections."""
+        shared = self.shared
+        if shared is None:
+            return
+        self.shared = None
+        shared_data = self.shared_data
+        pending = self.pending
+        for conn in shared:
+            out = conn.out
+            if out is None:
+                pending.append(conn)
+                conn.out = shared_data.copy()
+            else:  # (not expected: nothing was corked for them when it was held)
+                conn.out = shared_data + out
+        self.shared_data = []
+
+    def write_shared(self) -> None:
+        """Write the held fan-out: the same bytes to each of its connections, with the
+        hard limit of :meth:`Outbound.write`."""
+        shared = self.shared
+        if shared is None:
+            return
+        self.shared = None
+        shared_data = self.shared_data
+        self.shared_data = []
+        data = shared_data[0] if len(shared_data) == 1 else b"".join(shared_data)
+        limit = next(iter(shared)).worker.settings.write_buffer_limit
+        for conn in shared:
+            transport = conn.transport
+            if transport is None:
+                continue  # lost during the drain
+            transport.write(data)
+            if conn.paused and transport.get_write_buffer_size() > limit:
                 conn.cut()
 
     def frame(self, payload: bytes) -> bytes:
