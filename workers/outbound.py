@@ -25,6 +25,8 @@ nothing is written until it ends.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from operator import attrgetter, methodcaller
 from typing import TYPE_CHECKING, Any
 
 from vask.workers.wsframe import text_frame
@@ -38,6 +40,9 @@ PAUSED_PIPELINE = 2  # it has HTTP requests waiting to be answered
 PAUSED_BURST = 4  # one read held a burst of requests or messages: others go first
 #: frames one connection may have corked before they are written at once
 MAX_CORKED_FRAMES = 256
+
+_transport_of = attrgetter("transport")
+_paused = attrgetter("paused")
 
 
 class Outbound(asyncio.Protocol):
@@ -284,14 +289,17 @@ class Corker:
         shared_data = self.shared_data
         self.shared_data = []
         data = shared_data[0] if len(shared_data) == 1 else b"".join(shared_data)
-        limit = next(iter(shared)).worker.settings.write_buffer_limit
-        for conn in shared:
-            transport = conn.transport
-            if transport is None:
-                continue  # lost during the drain
-            transport.write(data)
-            if conn.paused and transport.get_write_buffer_size() > limit:
-                conn.cut()
+        # One pass in C, no bytecode per subscriber: every connection not lost during
+        # the drain gets the same bytes.
+        deque(map(methodcaller("write", data), filter(None, map(_transport_of, shared))), 0)
+        # Then the hard limit, for the few a transport has paused (above the limit is
+        # above the high-water mark, and the transport pauses before write returns).
+        paused = [conn for conn in filter(_paused, shared) if conn.transport is not None]
+        if paused:
+            limit = paused[0].worker.settings.write_buffer_limit
+            for conn in paused:
+                if conn.transport.get_write_buffer_size() > limit:  # type: ignore[union-attr]
+                    conn.cut()
 
     def frame(self, payload: bytes) -> bytes:
         """The text frame for ``payload``; consecutive sends of the same payload (one
