@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import orjson
 import pytest
@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.test_http_api import KEY, SETTINGS, TS, FakeContext, sign_query
+from vask.api_rules import parse_query
 from vask.workers.http_api import ApiRequest, ApiResponse, accept_api, handle_api, reset_rate_limits
 
 latin1 = st.characters(max_codepoint=255)
@@ -204,3 +205,11 @@ def test_signed_requests_with_any_body_are_answered_2xx_or_4xx(request: ApiReque
     check_response(response)
     if response.status >= 400:
         assert ctx.published == [] and ctx.sent == []
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="ab=&;%+2Fx ", max_size=30))
+def test_query_parsing_agrees_with_parse_qsl(raw: str) -> None:
+    """The split-only path for queries with nothing to decode gives what the standard
+    library's parser gives, blanks and repeated '=' included."""
+    assert parse_query(raw) == parse_qsl(raw, keep_blank_values=True)

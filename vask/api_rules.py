@@ -90,8 +90,17 @@ class ApiError(Exception):
 
 
 def parse_query(raw_query: str) -> list[tuple[str, str]]:
-    """The decoded ``(name, value)`` pairs of a raw query string, blanks kept."""
-    return parse_qsl(raw_query, keep_blank_values=True)
+    """The decoded ``(name, value)`` pairs of a raw query string, blanks kept (as
+    ``parse_qsl(raw_query, keep_blank_values=True)``)."""
+    if "%" in raw_query or "+" in raw_query:
+        return parse_qsl(raw_query, keep_blank_values=True)
+    # Nothing to decode (a signed trigger's query: hex, digits, names): split only.
+    pairs = []
+    for field in raw_query.split("&"):
+        if field:
+            name, _, value = field.partition("=")
+            pairs.append((name, value))
+    return pairs
 
 
 def decode_segment(segment: str) -> str:

@@ -53,7 +53,10 @@ class ApiAdapter:
         console = self.worker.metrics.app(messages[0].app).console if messages else None
         if console is not None:
             console.api_publishes(messages)
-        await asyncio.gather(*(self._acked(msg) for msg in messages))
+        if len(messages) == 1:
+            await self._acked(messages[0])  # the usual trigger: no task, no gather
+        else:
+            await asyncio.gather(*(self._acked(msg) for msg in messages))
 
     async def send(self, msg: TerminateUser) -> None:
         await self._acked(msg)
