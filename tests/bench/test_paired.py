@@ -72,18 +72,35 @@ def test_blocks_must_pair_up() -> None:
         summarise_pairs([1.0], [1], [1.0, 2.0], [1, 1])
 
 
+_BUSY_CHILD = """
+import sys, time
+end = time.process_time() + 0.2
+while time.process_time() < end:
+    pass
+print(repr(time.process_time()), flush=True)
+sys.stdin.read()  # asleep from here on, so the scheduler's sum for it is settled
+"""
+
+
 def test_run_seconds_follows_the_process_cpu_clock() -> None:
-    """The scheduler's sum for this process moves with its CPU clock, to well under a
-    clock tick (10 ms), where utime+stime would move in whole ticks."""
-    before_run, before_clock = run_seconds(os.getpid()), time.process_time()
-    end = time.process_time() + 0.2
-    while time.process_time() < end:
-        pass
-    ran = run_seconds(os.getpid()) - before_run
-    clock = time.process_time() - before_clock
+    """The scheduler's sum for a process equals its own CPU clock, to well under a clock
+    tick (10 ms), where utime+stime would move in whole ticks. Read for a child that is
+    asleep by then: a running thread's sum is brought up to date only at the next tick
+    or switch, so reading one's own would lag by up to a tick."""
+    child = subprocess.Popen([sys.executable, "-c", _BUSY_CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        clock = float(child.stdout.readline())
+        time.sleep(0.05)
+        ran = run_seconds(child.pid)
+    finally:
+        child.kill()
+        child.wait()
     assert clock >= 0.2
-    assert ran == pytest.approx(clock, abs=0.005)
-    assert tree_run_seconds(os.getpid()) >= run_seconds(os.getpid())
+    assert ran == pytest.approx(clock, abs=0.002)
+    alone = run_seconds(os.getpid())  # read first: the tree's sum, read after, is later
+    assert tree_run_seconds(os.getpid()) >= alone > 0
     assert run_seconds(2 ** 22 + 12345) == 0.0  # no such process
 
 
