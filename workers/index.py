@@ -81,33 +81,26 @@ class ChannelIndex:
         skipped = 0
         corker = self.corker
         if corker.corked:
-            if type(targets) is set and targets and not exclude and corker.share(targets, data):
-                # held whole: the flush writes it to each subscriber in one pass
-                corker.held += len(data) * len(targets)
-                if corker.held > corker.limit:
-                    corker.flush()
-                stats = next(iter(targets)).stats
-                sent = len(targets)
-                stats.deliveries += sent * frames
-                stats.ws_messages_out += sent * frames
-                stats.ws_bytes_out += sent * len(data)
-                return
-            if corker.shared is not None:
-                corker.spill()  # it goes before what is queued for these below
-            # Outbound.queue, inline (the corker's flush comes after the drain)
-            pending = corker.pending
-            for conn in targets:  # type: ignore[union-attr]
-                if conn.socket_id == exclude:
-                    skipped = 1
-                    continue
-                out = conn.out
-                if out is None:
-                    conn.out = [data]
-                    pending.append(conn)
-                else:
-                    out.append(data)
-                    if len(out) >= MAX_CORKED_FRAMES:
-                        conn.flush()  # a burst for one connection: let flow control see it
+            # Held whole when it can be (the flush writes it to each subscriber in one
+            # pass); otherwise queued per connection.
+            if not (type(targets) is set and targets and not exclude
+                    and corker.share(targets, data)):
+                if corker.shared is not None:
+                    corker.spill()  # it goes before what is queued for these below
+                # Outbound.queue, inline (the corker's flush comes after the drain)
+                pending = corker.pending
+                for conn in targets:  # type: ignore[union-attr]
+                    if conn.socket_id == exclude:
+                        skipped = 1
+                        continue
+                    out = conn.out
+                    if out is None:
+                        conn.out = [data]
+                        pending.append(conn)
+                    else:
+                        out.append(data)
+                        if len(out) >= MAX_CORKED_FRAMES:
+                            conn.flush()  # a burst for one connection: let flow control see it
             corker.held += len(data) * (len(targets) - skipped)  # type: ignore[arg-type]
             if corker.held > corker.limit:
                 corker.flush()
@@ -122,7 +115,8 @@ class ChannelIndex:
                     conn.write(data)
         sent = len(targets) - skipped  # type: ignore[arg-type]
         if sent:
-            stats = conn.stats
+            # every target is a connection of this app: any one's counters are the app's
+            stats = next(iter(targets)).stats  # type: ignore[arg-type]
             stats.deliveries += sent * frames
             stats.ws_messages_out += sent * frames
             stats.ws_bytes_out += sent * len(data)

@@ -33,7 +33,7 @@ from vask.bench.httppub import Publisher, PublishRejected
 from vask.bench.pool import WorkerPool, split_counts
 from vask.bench.procstat import tree_run_seconds
 from vask.bench.report import Progress
-from vask.bench.scenarios import Common, default_procs, stamp_data
+from vask.bench.scenarios import Common, _fail, default_procs, stamp_data
 from vask.bench.server import ManagedServer
 from vask.bench.stats import latency_summary_us, median, percentile
 from vask.config import DEFAULT_APP_ID
@@ -301,11 +301,6 @@ async def run_fanout_pair(cmd_a: str, cmd_b: str, common: Common, subscribers: i
                      "B_deliveries": b.done}
     out["errors"] = a.errors + b.errors
     return out
-
-
-def _fail(out: dict[str, Any], reason: str) -> None:
-    out["ok"] = False
-    out["failures"].append(reason)
 
 
 def format_pair(result: dict[str, Any]) -> str:
